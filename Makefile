@@ -1,0 +1,29 @@
+# Megatron-CoLA developer commands. Every target installs what it needs (idempotently) first.
+PYTHON ?= python3
+VENV   := .venv
+PY     := $(VENV)/bin/python
+PIP    := $(PY) -m pip
+STAMP  := $(VENV)/.installed
+
+export OMP_NUM_THREADS ?= 1
+
+.PHONY: setup test lint quickstart clean-data
+
+setup: $(STAMP)
+
+# torch==2.13.0 is installed first (a local CPU wheel on our machines; on a GPU cluster install the
+# CUDA build you want before running make). deepspeed and our C++ extension build against it without
+# build isolation, so pip never pulls a second (CUDA) torch into a build environment.
+$(STAMP): setup.py pyproject.toml
+	test -x $(PY) || $(PYTHON) -m venv $(VENV)
+	$(PY) -c 'import torch' 2>/dev/null || $(PIP) install torch==2.13.0
+	$(PIP) install -q setuptools wheel pybind11 ninja numpy
+	$(PIP) install -q --no-build-isolation -e '.[dev]'
+	touch $(STAMP)
+
+test: setup
+	$(PY) -m pytest -q tests
+
+lint: setup
+	$(PY) -m ruff check .
+	$(PY) -m ruff format --check .

