@@ -112,6 +112,8 @@ class CoLALlama(nn.Module):
         self.norm = RMSNorm(args.hidden_size, args.norm_eps)
         self.lm_head = nn.Linear(args.hidden_size, args.vocab_size, bias=False)
         self.loss_fn: nn.Module = CrossEntropyLoss()
+        # Tensor parallelism swaps these: a gather of vocab-sharded logits, a vocab-parallel loss.
+        self.gather_logits: nn.Module = nn.Identity()
         self._rope_cache: dict[tuple[int, torch.device], tuple[torch.Tensor, torch.Tensor]] = {}
         if self.embed_tokens.weight.device.type != "meta":
             self.init_weights(seed)
@@ -167,7 +169,7 @@ class CoLALlama(nn.Module):
     ) -> torch.Tensor:
         logits = self.lm_head(self.hidden_states(tokens))  # (B, T, V)
         if labels is None:
-            return logits
+            return self.gather_logits(logits)
         return self.loss_fn(logits, labels, loss_mask)
 
 

@@ -1,0 +1,174 @@
+"""Model-weight files of a checkpoint, independent of ZeRO stage: ``{save}/{tag}/model_tp{NN}.pt``.
+
+Besides DeepSpeed's own files (optimizer and engine state, used to resume), every checkpoint directory
+holds one model file per tensor-parallel rank, written by data-parallel rank 0 of that TP group with the
+parameters gathered (ZeRO-3 included). Each is a ``torch.save`` dict:
+
+``format``        ``"megatron-cola-model"``, ``version`` 1
+``args``          ``ModelArgs.to_dict()`` (``vocab_size`` is the padded size the model was built with)
+``vocab_size``    the tokenizer's (unpadded) vocab size, or ``None`` when unknown
+``tp_rank``, ``tp_size``
+``split_dims``    ``{param name: dim}`` for each tensor-parallel-sharded parameter: the full tensor is the
+                  ``torch.cat`` of the shards of ranks 0..tp_size-1 along ``dim``; absent = replicated
+``state_dict``    this rank's parameters (the model's own names: ``layers.0.self_attn.q_proj.weight_a``, ...)
+``iteration``, ``tokenizer`` (``{"type": ..., "model": ...}`` or ``None``)
+
+``load_full_state_dict`` reads all ranks' files back into one unsharded state dict.
+"""
+
+from __future__ import annotations
+
+import glob
+import os
+import re
+from typing import Any
+
+import torch
+
+FORMAT = "megatron-cola-model"
+VERSION = 1
+LATEST_FILE = "latest"
+
+
+def model_file_name(tp_rank: int) -> str:
+    return f"model_tp{tp_rank:02d}.pt"
+
+
+def iteration_tag(iteration: int) -> str:
+    """Megatron's checkpoint directory name for ``iteration``."""
+    return f"iter_{iteration:07d}"
+
+
+def atomic_torch_save(obj: Any, path: str) -> None:
+    tmp = f"{path}.tmp.{os.getpid()}"
+    torch.save(obj, tmp)
+    os.replace(tmp, path)
+
+
+def atomic_write_text(path: str, text: str) -> None:
+    tmp = f"{path}.tmp.{os.getpid()}"
+    with open(tmp, "w") as f:
+        f.write(text)
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, path)
+
+
+def save_model_file(
+    path: str,
+    state_dict: dict[str, torch.Tensor],
+    args: dict[str, Any],
+    split_dims: dict[str, int],
+    tp_rank: int = 0,
+    tp_size: int = 1,
+    vocab_size: int | None = None,
+    iteration: int = 0,
+    tokenizer: dict[str, Any] | None = None,
+) -> None:
+    """Write one TP rank's model file atomically."""
+    atomic_torch_save(
+        {
+            "format": FORMAT,
+            "version": VERSION,
+            "args": dict(args),
+            "vocab_size": vocab_size,
+            "tp_rank": tp_rank,
+            "tp_size": tp_size,
+            "split_dims": dict(split_dims),
+            "state_dict": {k: v.detach().cpu() for k, v in state_dict.items()},
+            "iteration": iteration,
+            "tokenizer": tokenizer,
+        },
+        path,
+    )
+
+
+def read_latest(load_dir: str) -> str | None:
+    """The tag named by ``{load_dir}/latest``, or ``None`` when there is no complete checkpoint."""
+    path = os.path.join(load_dir, LATEST_FILE)
+    if not os.path.exists(path):
+        return None
+    with open(path) as f:
+        return f.read().strip() or None
+
+
+def resolve_checkpoint_dir(load_dir: str, iteration: int | None = None) -> str:
+    """The directory of the checkpoint to read: ``iteration`` if given, else the one ``latest`` names."""
+    if not os.path.isdir(load_dir):
+        raise FileNotFoundError(f"checkpoint directory {load_dir} does not exist")
+    if iteration is not None:
+        tag = iteration_tag(iteration)
+    else:
+        tag = read_latest(load_dir)
+        if tag is None:
+            raise FileNotFoundError(
+                f"{load_dir} has no '{LATEST_FILE}' file: no complete checkpoint was saved there "
+                "(pass --iteration N to read a specific one)"
+            )
+    path = os.path.join(load_dir, tag)
+    if not os.path.isdir(path):
+        raise FileNotFoundError(f"checkpoint {path} does not exist")
+    return path
+
+
+def load_model_files(ckpt_dir: str) -> list[dict[str, Any]]:
+    """All TP ranks' model files of one checkpoint directory, checked for completeness."""
+    paths = sorted(glob.glob(os.path.join(ckpt_dir, "model_tp*.pt")))
+    if not paths:
+        raise FileNotFoundError(f"{ckpt_dir} holds no model_tpNN.pt files (not a Megatron-CoLA checkpoint?)")
+    files = []
+    for p in paths:
+        obj = torch.load(p, map_location="cpu", weights_only=False)
+        if not isinstance(obj, dict) or obj.get("format") != FORMAT:
+            raise ValueError(f"{p} is not a Megatron-CoLA model file")
+        if obj.get("version") != VERSION:
+            raise ValueError(f"{p} has format version {obj.get('version')}, this code reads {VERSION}")
+        files.append(obj)
+    tp_size = files[0]["tp_size"]
+    ranks = sorted(f["tp_rank"] for f in files)
+    if ranks != list(range(tp_size)):
+        raise FileNotFoundError(
+            f"{ckpt_dir}: checkpoint was written with tensor-parallel size {tp_size} but holds the model "
+            f"files of ranks {ranks}; a shard is missing"
+        )
+    return sorted(files, key=lambda f: f["tp_rank"])
+
+
+def merge_tp_shards(files: list[dict[str, Any]]) -> dict[str, torch.Tensor]:
+    """One unsharded state dict from the per-rank files (in TP-rank order)."""
+    split_dims = files[0]["split_dims"]
+    merged: dict[str, torch.Tensor] = {}
+    for name, tensor in files[0]["state_dict"].items():
+        if name in split_dims and len(files) > 1:
+            merged[name] = torch.cat([f["state_dict"][name] for f in files], dim=split_dims[name])
+        else:
+            merged[name] = tensor
+    return merged
+
+
+def load_full_state_dict(
+    load_dir: str, iteration: int | None = None, drop_vocab_padding: bool = False
+) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
+    """Unsharded state dict and metadata (``args``, ``vocab_size``, ``iteration``, ``tokenizer``,
+    ``tp_size``) of a checkpoint. With ``drop_vocab_padding`` the embedding and LM head are cut to the
+    tokenizer's vocab size and ``args["vocab_size"]`` set to it."""
+    files = load_model_files(resolve_checkpoint_dir(load_dir, iteration))
+    state = merge_tp_shards(files)
+    meta = {k: files[0][k] for k in ("args", "vocab_size", "iteration", "tokenizer", "tp_size")}
+    meta["args"] = dict(meta["args"])
+    if drop_vocab_padding and meta["vocab_size"] and meta["vocab_size"] < meta["args"]["vocab_size"]:
+        n = meta["vocab_size"]
+        for name in ("embed_tokens.weight", "lm_head.weight"):
+            state[name] = state[name][:n].contiguous()
+        meta["args"]["vocab_size"] = n
+    return state, meta
+
+
+def checkpoint_iterations(load_dir: str) -> list[int]:
+    """Iterations of the checkpoint directories present under ``load_dir`` (complete or not)."""
+    out = []
+    for name in os.listdir(load_dir) if os.path.isdir(load_dir) else []:
+        m = re.fullmatch(r"iter_(\d{7,})", name)
+        if m:
+            out.append(int(m.group(1)))
+    return sorted(out)
