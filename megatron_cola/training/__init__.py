@@ -1,0 +1,1 @@
+"""Pre-training on DeepSpeed: arguments, engine, train loop, checkpoints, logging."""
