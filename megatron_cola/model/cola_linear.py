@@ -9,7 +9,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from megatron_cola.config import ACTIVATIONS
-from megatron_cola.model.recompute import keep_for_backward
+from megatron_cola.model.recompute import rank_projection
 
 _ACTIVATION_FNS: dict[str, Callable[[torch.Tensor], torch.Tensor]] = {
     "silu": F.silu,
@@ -83,8 +83,7 @@ class CoLALinear(nn.Module):
                 self.bias.zero_()
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        with keep_for_backward():
-            a = F.linear(x, self.weight_a)  # (..., rank): kept by CoLA-M
+        a = rank_projection(x, self.weight_a)  # (..., rank): kept by CoLA-M
         return F.linear(self.act_fn(a), self.weight_b, self.bias)
 
     def extra_repr(self) -> str:
