@@ -14,7 +14,7 @@ from typing import Any
 
 from megatron_cola.config import RECOMPUTE_CHOICES, SIZES, ModelArgs
 
-TOKENIZER_TYPES = ("SentencePieceTokenizer", "HuggingFaceTokenizer", "NullTokenizer")
+TOKENIZER_TYPES = ("SentencePieceTokenizer", "GPTSentencePieceTokenizer", "HuggingFaceTokenizer", "NullTokenizer")
 
 
 class ArgumentError(ValueError):

