@@ -27,3 +27,7 @@ test: setup
 lint: setup
 	$(PY) -m ruff check .
 	$(PY) -m ruff format --check .
+
+# Pre-train the debug CoLA model on the bundled sample corpus (CPU, 2 processes); see examples/quickstart.sh.
+quickstart: setup
+	bash examples/quickstart.sh

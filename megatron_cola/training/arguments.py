@@ -13,8 +13,14 @@ import os
 from typing import Any
 
 from megatron_cola.config import RECOMPUTE_CHOICES, SIZES, ModelArgs
+from megatron_cola.parallel.transform import pad_vocab_size  # noqa: F401  (re-exported)
 
-TOKENIZER_TYPES = ("SentencePieceTokenizer", "GPTSentencePieceTokenizer", "HuggingFaceTokenizer", "NullTokenizer")
+TOKENIZER_TYPES = (
+    "SentencePieceTokenizer",
+    "GPTSentencePieceTokenizer",
+    "HuggingFaceTokenizer",
+    "NullTokenizer",
+)
 
 
 class ArgumentError(ValueError):
@@ -152,12 +158,6 @@ def model_args_from(args: argparse.Namespace, vocab_size: int) -> ModelArgs:
         if getattr(args, flag) is not None:
             overrides[field] = getattr(args, flag)
     return ModelArgs.from_size(args.model_size, full_rank=args.full_rank, **overrides)
-
-
-def pad_vocab_size(vocab: int, divisible_by: int, tp_size: int) -> int:
-    """Megatron's padding: the next multiple of ``divisible_by * tp_size``."""
-    multiple = max(1, divisible_by) * tp_size
-    return int(math.ceil(vocab / multiple) * multiple)
 
 
 def validate_args(args: argparse.Namespace, world_size: int | None = None) -> argparse.Namespace:

@@ -92,7 +92,7 @@ def _init_distributed(device: torch.device) -> bool:
 
 
 def _build_parallel_state(tp_size: int) -> Any:
-    from megatron_cola.parallel.state import ParallelState
+    from megatron_cola.parallel import ParallelState
 
     return ParallelState.from_torch_distributed(tp_size)
 
@@ -215,9 +215,12 @@ def pretrain(argv: list[str] | None = None) -> dict[str, Any]:
     vocab = pad_vocab_size(tokenizer.vocab_size, args.make_vocab_size_divisible_by, tp)
     model_args = model_args_from(args, vocab)
     if tp > 1:
-        from megatron_cola.parallel import check_tensor_parallel_divisibility
+        from megatron_cola.parallel import check_tensor_parallel_sizes
 
-        check_tensor_parallel_divisibility(model_args, tp)
+        try:
+            check_tensor_parallel_sizes(model_args, tp)
+        except ValueError as e:
+            raise ArgumentError(str(e)) from e
     device = _resolve_device(args.device)
 
     created_pg = _init_distributed(device)

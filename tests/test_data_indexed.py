@@ -1,0 +1,213 @@
+"""MMIDIDX reader/builder: spec round trips both ways, byte-exact output, merging, and bad files."""
+
+from __future__ import annotations
+
+import os
+import random
+import struct
+
+import numpy as np
+import pytest
+
+try:  # tests/ as a package (tests/__init__.py) or as a plain directory
+    from tests.test_data_common import spec_expected_idx_bytes, spec_read_dataset, spec_write_dataset
+except ImportError:
+    from test_data_common import spec_expected_idx_bytes, spec_read_dataset, spec_write_dataset
+
+from megatron_cola.data.indexed_dataset import (
+    IndexedDatasetError,
+    MMapIndexedDataset,
+    MMapIndexedDatasetBuilder,
+    best_fitting_dtype,
+    data_file_path,
+    index_file_path,
+)
+
+
+def _random_seqs(rng: random.Random, n: int, hi: int, max_len: int = 40) -> list[list[int]]:
+    return [[rng.randrange(hi) for _ in range(rng.randint(0, max_len))] for _ in range(n)]
+
+
+@pytest.mark.parametrize(
+    "dtype,hi", [("uint16", 65535), ("int32", 2**31 - 1), ("uint8", 255), ("int64", 2**40)]
+)
+def test_spec_written_dataset_reads_back(tmp_path, dtype, hi):
+    rng = random.Random(dtype)
+    seqs = _random_seqs(rng, 57, hi)
+    doc_starts = [0, 3, 3, 10, 30, 57]  # includes a document with zero sequences
+    prefix = str(tmp_path / "spec")
+    spec_write_dataset(prefix, seqs, doc_starts, dtype)
+
+    ds = MMapIndexedDataset(prefix)
+    assert len(ds) == len(seqs)
+    assert ds.dtype == np.dtype(dtype)
+    assert ds.sequence_lengths.dtype == np.int32
+    assert ds.sequence_lengths.tolist() == [len(s) for s in seqs]
+    assert ds.document_indices.tolist() == doc_starts
+    for i, s in enumerate(seqs):
+        assert ds[i].tolist() == s
+    ds.check_integrity()
+    # windows, negative indices, slices
+    longest = int(np.argmax(ds.sequence_lengths))
+    full = seqs[longest]
+    assert ds.get(longest, 2, 5).tolist() == full[2:7]
+    assert ds.get(longest, 3).tolist() == full[3:]
+    assert ds[-1].tolist() == seqs[-1]
+    assert [a.tolist() for a in ds[1:4]] == seqs[1:4]
+    with pytest.raises(IndexError):
+        ds.get(longest, len(full) - 1, 2)
+    with pytest.raises(IndexError):
+        ds[len(seqs)]
+
+
+def test_builder_output_matches_spec_byte_for_byte(tmp_path):
+    rng = random.Random(1)
+    docs = [_random_seqs(rng, rng.randint(1, 3), 60000) for _ in range(40)]  # several sequences per document
+    prefix = str(tmp_path / "ours")
+    b = MMapIndexedDatasetBuilder(data_file_path(prefix), np.uint16)
+    lengths, doc_starts, flat = [], [0], []
+    for k, doc in enumerate(docs):
+        if k % 2:
+            for seq in doc:
+                b.add_item(np.array(seq, dtype=np.int64))
+            b.end_document()
+        else:
+            b.add_document(np.concatenate([np.array(s, dtype=np.int64) for s in doc]), [len(s) for s in doc])
+        lengths += [len(s) for s in doc]
+        doc_starts.append(len(lengths))
+        flat += [t for s in doc for t in s]
+    bulk = [[rng.randrange(60000) for _ in range(rng.randint(1, 9))] for _ in range(25)]
+    b.add_documents(np.array([t for s in bulk for t in s]), [len(s) for s in bulk])
+    for s in bulk:
+        lengths.append(len(s))
+        doc_starts.append(len(lengths))
+        flat += s
+    b.finalize(index_file_path(prefix))
+
+    with open(index_file_path(prefix), "rb") as f:
+        assert f.read() == spec_expected_idx_bytes(lengths, doc_starts, "uint16")
+    with open(data_file_path(prefix), "rb") as f:
+        assert f.read() == struct.pack(f"<{len(flat)}H", *flat)
+    dtype, seqs, starts = spec_read_dataset(prefix)
+    assert dtype == "uint16" and starts == doc_starts
+    assert [t for s in seqs for t in s] == flat
+
+
+def test_add_index_merge_equals_single_build(tmp_path):
+    rng = random.Random(2)
+    parts = [_random_seqs(rng, n, 1000) for n in (5, 0, 12)]
+    prefixes = []
+    for k, seqs in enumerate(parts):
+        p = str(tmp_path / f"part{k}")
+        spec_write_dataset(p, seqs, list(range(len(seqs) + 1)), "int32")
+        prefixes.append(p)
+    merged = str(tmp_path / "merged")
+    b = MMapIndexedDatasetBuilder(data_file_path(merged), np.int32)
+    for p in prefixes:
+        b.add_index(p)
+    b.finalize(index_file_path(merged))
+
+    single = str(tmp_path / "single")
+    allseqs = [s for seqs in parts for s in seqs]
+    spec_write_dataset(single, allseqs, list(range(len(allseqs) + 1)), "int32")
+    for ext in (".bin", ".idx"):
+        with open(merged + ext, "rb") as f1, open(single + ext, "rb") as f2:
+            assert f1.read() == f2.read()
+
+    b2 = MMapIndexedDatasetBuilder(str(tmp_path / "x.bin"), np.uint16)
+    with pytest.raises(ValueError, match="dtype"):
+        b2.add_index(prefixes[0])
+    b2.abort()
+    assert not os.path.exists(tmp_path / "x.bin")
+
+
+def test_empty_dataset_and_dtype_choice(tmp_path):
+    prefix = str(tmp_path / "empty")
+    b = MMapIndexedDatasetBuilder(data_file_path(prefix), np.uint16)
+    b.finalize(index_file_path(prefix))
+    ds = MMapIndexedDataset(prefix)
+    assert len(ds) == 0 and ds.document_indices.tolist() == [0] and ds.num_tokens == 0
+    assert best_fitting_dtype(32000) == np.uint16
+    assert best_fitting_dtype(65499) == np.uint16
+    assert best_fitting_dtype(65500) == np.int32
+    assert best_fitting_dtype(128256) == np.int32
+    b = MMapIndexedDatasetBuilder(str(tmp_path / "r.bin"), np.uint16)
+    with pytest.raises(ValueError, match="do not fit"):
+        b.add_item([1, 70000])
+    b.abort()
+
+
+@pytest.fixture
+def good_prefix(tmp_path):
+    prefix = str(tmp_path / "good")
+    spec_write_dataset(prefix, [[1, 2, 3], [4, 5], [6]], [0, 2, 3], "uint16")
+    return prefix
+
+
+def _patch(path: str, offset: int, data: bytes) -> None:
+    with open(path, "r+b") as f:
+        f.seek(offset)
+        f.write(data)
+
+
+def test_wrong_magic(good_prefix):
+    _patch(good_prefix + ".idx", 0, b"TNTIDX\x00\x00\x00")
+    with pytest.raises(IndexedDatasetError, match=r"good\.idx.*magic"):
+        MMapIndexedDataset(good_prefix)
+
+
+def test_unknown_version_and_dtype(good_prefix):
+    _patch(good_prefix + ".idx", 9, struct.pack("<Q", 2))
+    with pytest.raises(IndexedDatasetError, match=r"good\.idx.*version 2"):
+        MMapIndexedDataset(good_prefix)
+    _patch(good_prefix + ".idx", 9, struct.pack("<Q", 1))
+    _patch(good_prefix + ".idx", 17, struct.pack("<B", 42))
+    with pytest.raises(IndexedDatasetError, match=r"good\.idx.*dtype code 42"):
+        MMapIndexedDataset(good_prefix)
+
+
+def test_truncated_bin(good_prefix):
+    with open(good_prefix + ".bin", "r+b") as f:
+        f.truncate(8)
+    with pytest.raises(IndexedDatasetError, match=r"good\.bin.*truncated.*8 bytes.*12 bytes") as exc:
+        MMapIndexedDataset(good_prefix)
+    assert isinstance(exc.value, ValueError)
+
+
+def test_bin_too_large(good_prefix):
+    with open(good_prefix + ".bin", "ab") as f:
+        f.write(b"\x00\x00")
+    with pytest.raises(IndexedDatasetError, match=r"good\.bin.*larger"):
+        MMapIndexedDataset(good_prefix)
+
+
+def test_truncated_idx(good_prefix):
+    size = os.path.getsize(good_prefix + ".idx")
+    with open(good_prefix + ".idx", "r+b") as f:
+        f.truncate(size - 4)
+    with pytest.raises(IndexedDatasetError, match=r"good\.idx.*truncated"):
+        MMapIndexedDataset(good_prefix)
+    with open(good_prefix + ".idx", "r+b") as f:
+        f.truncate(20)
+    with pytest.raises(IndexedDatasetError, match=r"good\.idx.*truncated header"):
+        MMapIndexedDataset(good_prefix)
+
+
+def test_missing_file(good_prefix):
+    os.remove(good_prefix + ".bin")
+    with pytest.raises(FileNotFoundError, match=r"good\.bin"):
+        MMapIndexedDataset(good_prefix)
+
+
+def test_pickle_reopens(good_prefix):
+    import pickle
+
+    ds = pickle.loads(pickle.dumps(MMapIndexedDataset(good_prefix)))
+    assert ds[0].tolist() == [1, 2, 3] and ds.sizes.tolist() == [3, 2, 1] and ds.doc_idx.tolist() == [0, 2, 3]
+
+
+def test_bad_document_indices(good_prefix):
+    last_doc_entry = 34 + 3 * 4 + 3 * 8 + 2 * 8  # header, lengths, pointers, then the third doc index
+    _patch(good_prefix + ".idx", last_doc_entry, struct.pack("<q", 5))
+    with pytest.raises(IndexedDatasetError, match=r"good\.idx.*document indices"):
+        MMapIndexedDataset(good_prefix)

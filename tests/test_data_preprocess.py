@@ -1,0 +1,272 @@
+"""tools/preprocess_data.py and tools/merge_datasets.py end to end (run as subprocesses)."""
+
+from __future__ import annotations
+
+import gzip
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+try:  # tests/ as a package (tests/__init__.py) or as a plain directory
+    from tests.test_data_common import (
+        TOOLS,
+        make_docs,
+        run_tool,
+        spec_expected_idx_bytes,
+        spec_read_dataset,
+        train_tiny_spm,
+        write_jsonl,
+    )
+except ImportError:
+    from test_data_common import (
+        TOOLS,
+        make_docs,
+        run_tool,
+        spec_expected_idx_bytes,
+        spec_read_dataset,
+        train_tiny_spm,
+        write_jsonl,
+    )
+
+from megatron_cola.data import MMapIndexedDataset, SentencePieceTokenizer
+
+
+def _files(directory: Path) -> list[str]:
+    return sorted(os.listdir(directory))
+
+
+@pytest.fixture(scope="module")
+def corpus(tmp_path_factory):
+    root = tmp_path_factory.mktemp("pp")
+    model = train_tiny_spm(root)
+    docs_a = make_docs(400, seed=21)
+    docs_b = make_docs(120, seed=22)
+    write_jsonl(root / "in" / "a.jsonl", docs_a)
+    with gzip.open(root / "in" / "b.jsonl.gz", "wt", encoding="utf-8") as f:
+        for d in docs_b:
+            f.write(json.dumps({"text": d}) + "\n")
+    return {"root": root, "model": model, "docs": docs_a + docs_b, "docs_a": docs_a, "docs_b": docs_b}
+
+
+@pytest.fixture(scope="module")
+def round_trips(corpus):
+    """Preprocess the corpus with workers x partitions in {1, 2}^2."""
+    out = {}
+    for workers in (1, 2):
+        for partitions in (1, 2):
+            prefix = corpus["root"] / f"out_w{workers}_p{partitions}" / "ds"
+            proc = run_tool(
+                "preprocess_data",
+                "--input", str(corpus["root"] / "in" / "*.jsonl*"), "--output-prefix", prefix,
+                "--tokenizer-type", "SentencePieceTokenizer", "--tokenizer-model", corpus["model"],
+                "--append-eod", "--workers", workers, "--partitions", partitions, "--log-interval", 50,
+            )  # fmt: skip
+            out[(workers, partitions)] = (f"{prefix}_text_document", proc)
+    return out
+
+
+@pytest.mark.parametrize("workers,partitions", [(1, 1), (2, 1), (1, 2), (2, 2)])
+def test_round_trip_matches_direct_tokenization(corpus, round_trips, workers, partitions):
+    prefix, proc = round_trips[(workers, partitions)]
+    tok = SentencePieceTokenizer(corpus["model"])
+    expected = [tok.tokenize(d) + [tok.eod] for d in corpus["docs"]]
+    ds = MMapIndexedDataset(prefix)
+    assert ds.dtype == np.uint16
+    assert len(ds) == len(expected)
+    for i, exp in enumerate(expected):
+        assert ds[i].tolist() == exp
+    assert ds.document_indices.tolist() == list(range(len(expected) + 1))
+    # byte-for-byte what the spec (= Megatron's builder) gives for these ids
+    with open(prefix + ".idx", "rb") as f:
+        assert f.read() == spec_expected_idx_bytes(
+            [len(e) for e in expected], list(range(len(expected) + 1)), "uint16"
+        )
+    dtype, seqs, _ = spec_read_dataset(prefix)
+    assert dtype == "uint16" and seqs == expected
+    # progress bar rates and the summary line
+    assert "B/s" in proc.stderr and "docs/s" in proc.stderr and "tok/s" in proc.stderr
+    summary = proc.stdout.strip().splitlines()[-1]
+    assert summary.startswith(f"done: {len(expected)} documents, {sum(map(len, expected))} tokens")
+    assert "MB/s" in summary and "tokens/s" in summary
+    assert _files(Path(prefix).parent) == ["ds_text_document.bin", "ds_text_document.idx"]
+
+
+def test_round_trips_are_identical(round_trips):
+    blobs = set()
+    for prefix, _ in round_trips.values():
+        with open(prefix + ".bin", "rb") as b, open(prefix + ".idx", "rb") as i:
+            blobs.add((b.read(), i.read()))
+    assert len(blobs) == 1
+
+
+def test_merge_equals_single_run(corpus, round_trips, tmp_path):
+    parts = []
+    for name in ("a.jsonl", "b.jsonl.gz"):
+        prefix = tmp_path / name.split(".")[0]
+        run_tool(
+            "preprocess_data", "--input", corpus["root"] / "in" / name, "--output-prefix", prefix,
+            "--tokenizer-type", "SentencePieceTokenizer", "--tokenizer-model", corpus["model"],
+            "--append-eod",
+        )  # fmt: skip
+        parts.append(f"{prefix}_text_document")
+    single = round_trips[(1, 1)][0]
+    run_tool("merge_datasets", "--input", *parts, "--output-prefix", tmp_path / "merged" / "m")
+    os.makedirs(tmp_path / "shards")
+    for k, p in enumerate(parts):
+        for ext in (".bin", ".idx"):
+            os.link(p + ext, tmp_path / "shards" / f"{k:02d}{ext}")
+    run_tool("merge_datasets", "--input-dir", tmp_path / "shards", "--output-prefix", tmp_path / "merged2")
+    run_tool("merge_datasets", "--input", tmp_path / "shards", "--output-prefix", tmp_path / "merged3")
+    for merged in (tmp_path / "merged" / "m", tmp_path / "merged2", tmp_path / "merged3"):
+        for ext in (".bin", ".idx"):
+            assert Path(f"{merged}{ext}").read_bytes() == Path(single + ext).read_bytes()
+
+    other = tmp_path / "wide"
+    write_jsonl(tmp_path / "ints.jsonl", ["1 2 3"])
+    run_tool("preprocess_data", "--input", tmp_path / "ints.jsonl", "--output-prefix", other,
+             "--tokenizer-type", "NullTokenizer", "--vocab-size", "100000")  # fmt: skip
+    bad = run_tool("merge_datasets", "--input", parts[0], f"{other}_text_document", "--output-prefix",
+                   tmp_path / "x", check=False)  # fmt: skip
+    assert bad.returncode == 1 and "int32" in bad.stderr and "uint16" in bad.stderr
+    assert not list(tmp_path.glob("x*"))
+
+
+BAD_LINES = [
+    (b'{"text": "1 2 3"}', None),
+    (b'{"text": "4 5"', "not valid JSON"),
+    (b'{"body": "1"}', "missing key 'text'"),
+    (b'{"text": "caf\xe9 7"}', "not valid UTF-8"),
+    (b"[1, 2]", "JSON list instead of an object"),
+    (b'{"text": 5}', "holds a int, expected a string"),
+    (b"", None),  # blank line: ignored
+    (b'{"text": "6 x 7"}', "tokenizer failed"),
+    (b'{"text": ""}', None),  # empty document: dropped
+    (b'{"text": "8 9"}', None),
+]
+
+
+def _write_bad_file(path: Path, repeat: int = 1) -> list[tuple[int, str]]:
+    expected_bad = []
+    lines = []
+    for r in range(repeat):
+        for k, (line, reason) in enumerate(BAD_LINES):
+            lines.append(line)
+            if reason:
+                expected_bad.append((r * len(BAD_LINES) + k + 1, reason))
+    path.write_bytes(b"\n".join(lines) + b"\n")
+    return expected_bad
+
+
+@pytest.mark.parametrize("workers,partitions", [(1, 1), (2, 2)])
+def test_bad_lines_reported_skipped_and_counted(tmp_path, workers, partitions):
+    src = tmp_path / "bad.jsonl"
+    expected_bad = _write_bad_file(src, repeat=30)
+    prefix = tmp_path / "out"
+    proc = run_tool(
+        "preprocess_data", "--input", src, "--output-prefix", prefix, "--tokenizer-type", "NullTokenizer",
+        "--vocab-size", "1000", "--append-eod", "--workers", workers, "--partitions", partitions,
+    )  # fmt: skip
+    warned = [ln for ln in proc.stderr.splitlines() if ln.startswith("warning: ") and f"{src}:" in ln]
+    assert len(warned) == 50  # the first 50 are printed, the rest counted
+    reasons = dict(expected_bad)
+    for msg in warned:  # parallel partitions may report out of order
+        line_no = int(msg.split(f"{src}:")[1].split(":")[0])
+        assert reasons[line_no] in msg, msg
+    if partitions == 1:
+        assert [int(m.split(f"{src}:")[1].split(":")[0]) for m in warned] == [n for n, _ in expected_bad[:50]]
+    assert f"skipped {len(expected_bad)} bad lines, dropped 30 empty documents" in proc.stdout
+    ds = MMapIndexedDataset(f"{prefix}_text_document")
+    assert [ds[i].tolist() for i in range(3)] == [[1, 2, 3, 1000], [8, 9, 1000], [1, 2, 3, 1000]]
+    assert len(ds) == 60
+
+
+def test_strict_fails_cleanly(tmp_path):
+    src = tmp_path / "bad.jsonl"
+    _write_bad_file(src)
+    prefix = tmp_path / "out" / "ds"
+    proc = run_tool(
+        "preprocess_data", "--input", src, "--output-prefix", prefix, "--tokenizer-type", "NullTokenizer",
+        "--vocab-size", "1000", "--strict", check=False,
+    )  # fmt: skip
+    assert proc.returncode == 1
+    assert f"{src}:2: not valid JSON" in proc.stderr and "--strict" in proc.stderr
+    assert _files(prefix.parent) == []  # nothing, not even temporaries
+    proc = run_tool(
+        "preprocess_data", "--input", src, "--output-prefix", prefix, "--tokenizer-type", "NullTokenizer",
+        "--vocab-size", "1000", "--strict", "--workers", "2", "--partitions", "2", check=False,
+    )  # fmt: skip
+    assert proc.returncode == 1 and f"{src}:2: not valid JSON" in proc.stderr
+    assert _files(prefix.parent) == []
+
+
+def test_multiple_keys_empty_docs_and_dtype(tmp_path):
+    src = tmp_path / "kv.jsonl"
+    rows = [{"text": "1 2", "title": "7"}, {"text": "", "title": "8 9"}, {"text": "3", "title": ""}]
+    src.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    prefix = tmp_path / "kv"
+    proc = run_tool(
+        "preprocess_data", "--input", src, "--output-prefix", prefix, "--json-keys", "text", "title",
+        "--tokenizer-type", "NullTokenizer", "--vocab-size", "70000", "--append-eod",
+    )  # fmt: skip
+    assert "dropped 2 empty documents" in proc.stdout
+    text = MMapIndexedDataset(f"{prefix}_text_document")
+    title = MMapIndexedDataset(f"{prefix}_title_document")
+    assert text.dtype == np.int32  # vocab 70001 >= 65500
+    assert [text[i].tolist() for i in range(len(text))] == [[1, 2, 70000], [3, 70000]]
+    assert [title[i].tolist() for i in range(len(title))] == [[7, 70000], [8, 9, 70000]]
+
+
+def test_interrupted_run_leaves_no_valid_pair(tmp_path):
+    src = tmp_path / "big.jsonl"
+    rng = np.random.default_rng(0)
+    with open(src, "w") as f:
+        for _ in range(60_000):
+            f.write(json.dumps({"text": " ".join(map(str, rng.integers(0, 1000, 24)))}) + "\n")
+    out = tmp_path / "out"
+    prefix = out / "ds"
+    for sig in (signal.SIGKILL, signal.SIGINT):
+        proc = subprocess.Popen(
+            [sys.executable, str(TOOLS / "preprocess_data.py"), "--input", str(src),
+             "--output-prefix", str(prefix), "--tokenizer-type", "NullTokenizer", "--vocab-size", "1000",
+             "--append-eod", "--quiet"],
+            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+        )  # fmt: skip
+        deadline = time.time() + 60
+        while not any(".tmp-" in f for f in (os.listdir(out) if out.exists() else [])):
+            assert proc.poll() is None and time.time() < deadline, (
+                "preprocess ended before it could be interrupted"
+            )
+            time.sleep(0.005)
+        time.sleep(0.2)
+        if proc.poll() is not None:
+            pytest.skip("preprocess finished before the signal")
+        proc.send_signal(sig)
+        _, err = proc.communicate(timeout=60)
+        assert not (out / "ds_text_document.idx").exists() and not (out / "ds_text_document.bin").exists()
+        if sig == signal.SIGINT:
+            assert proc.returncode == 130 and "interrupted" in err
+            assert _files(out) == []  # temporaries cleaned up
+        else:
+            assert all(".tmp-" in f for f in _files(out))
+            for f in _files(out):
+                os.remove(out / f)
+
+
+def test_input_errors(tmp_path):
+    proc = run_tool(
+        "preprocess_data", "--input", tmp_path / "nope*.jsonl", "--output-prefix", tmp_path / "o",
+        "--tokenizer-type", "NullTokenizer", "--vocab-size", "10", check=False,
+    )  # fmt: skip
+    assert proc.returncode == 1 and "matches no files" in proc.stderr
+    proc = run_tool(
+        "preprocess_data", "--input", tmp_path / "x.jsonl", "--output-prefix", tmp_path / "o",
+        "--tokenizer-type", "NullTokenizer", check=False,
+    )  # fmt: skip
+    assert proc.returncode == 2 and "--vocab-size" in proc.stderr

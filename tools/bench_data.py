@@ -1,0 +1,149 @@
+#!/usr/bin/env python
+"""Data pipeline benchmark: preprocessing throughput and GPT dataset read throughput.
+
+    python tools/bench_data.py                     # sample corpus, workers 1 and 2
+    python tools/bench_data.py --workers 1 2 4 --repeats 5 --json bench.json
+
+1. Makes sure the sample corpus exists (``tools/prepare_sample_corpus.py``, ``data/sample``) and a
+   SentencePiece tokenizer (``data/tokenizer/sample_32k.model``, trained by ``tools/train_tokenizer.py``;
+   8k vocabulary when the corpus cannot fill 32k).
+2. Runs ``tools/preprocess_data.py`` (in-process, with ``--append-eod``) for each worker count, best of
+   ``--repeats``: documents/s, MB/s, tokens/s, and for ``--workers 1`` the share of the wall time spent
+   outside the tokenizer (reading, JSON, numpy conversion, writing).
+3. Builds a ``GPTDataset`` over the result and reads random samples: index build time and samples/s.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import io
+import json
+import os
+import shutil
+import sys
+import tempfile
+import time
+
+import numpy as np
+
+REPO = os.path.abspath(os.path.join(os.path.dirname(__file__), os.pardir))
+sys.path.insert(0, REPO)
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+
+import prepare_sample_corpus  # noqa: E402
+import preprocess_data  # noqa: E402
+import train_tokenizer  # noqa: E402
+
+from megatron_cola.data import GPTDataset, MMapIndexedDataset  # noqa: E402
+
+
+def ensure_tokenizer(corpus: str, model: str | None) -> str:
+    if model:
+        return model
+    for name in ("sample_32k", "sample_8k"):
+        path = os.path.join(REPO, "data", "tokenizer", f"{name}.model")
+        if os.path.isfile(path):
+            return path
+    prefix = os.path.join(REPO, "data", "tokenizer", "sample_32k")
+    try:
+        print("training data/tokenizer/sample_32k.model ...", flush=True)
+        return train_tokenizer.train([corpus], prefix, 32000)
+    except RuntimeError as exc:
+        print(f"32k vocabulary failed ({exc}); training an 8k one", flush=True)
+        return train_tokenizer.train([corpus], os.path.join(REPO, "data", "tokenizer", "sample_8k"), 8000)
+
+
+def bench_preprocess(corpus: str, model: str, workers: int, repeats: int, out_dir: str) -> dict:
+    best: dict | None = None
+    for _ in range(repeats):
+        args = preprocess_data.build_parser().parse_args(
+            [
+                "--input", corpus, "--output-prefix", os.path.join(out_dir, f"bench_w{workers}"),
+                "--tokenizer-type", "SentencePieceTokenizer", "--tokenizer-model", model,
+                "--append-eod", "--workers", str(workers), "--quiet",
+            ]
+        )  # fmt: skip
+        with contextlib.redirect_stdout(io.StringIO()):  # the tool's own summary line
+            summary = preprocess_data.run(args)
+        if best is None or summary["seconds"] < best["seconds"]:
+            best = summary
+    assert best is not None
+    return best
+
+
+def bench_read(prefix: str, seq_length: int, num_samples: int, reads: int, cache_dir: str) -> dict:
+    reader = MMapIndexedDataset(prefix)
+    t0 = time.perf_counter()
+    ds = GPTDataset(reader, range(len(reader)), seq_length, num_samples, seed=1234, cache_dir=cache_dir)
+    build = time.perf_counter() - t0
+    t0 = time.perf_counter()
+    GPTDataset(reader, range(len(reader)), seq_length, num_samples, seed=1234, cache_dir=cache_dir)
+    load = time.perf_counter() - t0
+    idx = np.random.default_rng(0).integers(0, len(ds), reads)
+    t0 = time.perf_counter()
+    total = 0
+    for i in idx:
+        total += ds[int(i)]["text"].size
+    dt = time.perf_counter() - t0
+    return {
+        "seq_length": seq_length,
+        "samples": len(ds),
+        "index_build_s": build,
+        "index_load_s": load,
+        "random_samples_per_s": reads / dt,
+        "tokens_per_s": total / dt,
+    }
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(description="Benchmark preprocessing and dataset reads.")
+    p.add_argument("--corpus", default=os.path.join(REPO, "data", "sample", "train.jsonl"))
+    p.add_argument("--tokenizer-model", default=None, help="default: data/tokenizer/sample_32k.model")
+    p.add_argument("--workers", type=int, nargs="+", default=[1, 2])
+    p.add_argument("--repeats", type=int, default=3)
+    p.add_argument("--seq-length", type=int, default=256)
+    p.add_argument("--num-samples", type=int, default=100_000, help="GPTDataset samples (several epochs)")
+    p.add_argument("--reads", type=int, default=20_000, help="random samples to read")
+    p.add_argument("--json", default=None, help="also write the results here")
+    args = p.parse_args(argv)
+
+    if not os.path.isfile(args.corpus):
+        default = os.path.join(REPO, "data", "sample", "train.jsonl")
+        if os.path.abspath(args.corpus) != default:
+            p.error(f"--corpus {args.corpus} not found")
+        prepare_sample_corpus.prepare(os.path.dirname(default))
+    model = ensure_tokenizer(args.corpus, args.tokenizer_model)
+
+    results: dict = {"corpus": args.corpus, "tokenizer": model, "cpus": os.cpu_count(), "preprocess": {}}
+    out_dir = tempfile.mkdtemp(prefix="bench-data-")
+    try:
+        for w in args.workers:
+            s = bench_preprocess(args.corpus, model, w, args.repeats, out_dir)
+            results["preprocess"][w] = s
+            outside = s.get("outside_tokenization_fraction")
+            extra = f", outside tokenization {100 * outside:.1f}%" if outside is not None else ""
+            print(
+                f"preprocess workers={w}: {s['docs_per_s']:,.0f} docs/s, {s['mb_per_s']:.2f} MB/s, "
+                f"{s['tokens_per_s']:,.0f} tokens/s ({s['tokens']:,} tokens in {s['seconds']:.2f}s{extra})",
+                flush=True,
+            )
+        prefix = os.path.join(out_dir, f"bench_w{args.workers[0]}_text_document")
+        r = bench_read(prefix, args.seq_length, args.num_samples, args.reads, os.path.join(out_dir, "cache"))
+        results["read"] = r
+        print(
+            f"GPTDataset seq_length={r['seq_length']}, {r['samples']:,} samples: "
+            f"index build {r['index_build_s']:.3f}s (cached load {r['index_load_s']:.3f}s), "
+            f"random reads {r['random_samples_per_s']:,.0f} samples/s "
+            f"({r['tokens_per_s'] / 1e6:.1f}M tokens/s)"
+        )
+    finally:
+        shutil.rmtree(out_dir, ignore_errors=True)
+    if args.json:
+        with open(args.json, "w") as f:
+            json.dump(results, f, indent=2)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
