@@ -7,7 +7,7 @@ STAMP  := $(VENV)/.installed
 
 export OMP_NUM_THREADS ?= 1
 
-.PHONY: setup test lint quickstart clean-data
+.PHONY: setup setup-mpi test lint quickstart
 
 setup: $(STAMP)
 
@@ -31,3 +31,8 @@ lint: setup
 # Pre-train the debug CoLA model on the bundled sample corpus (CPU, 2 processes); see examples/quickstart.sh.
 quickstart: setup
 	bash examples/quickstart.sh
+
+# Optional: Open MPI and mpi4py, for `mpirun` launches (examples/mpi) and their test. Needs apt (root).
+setup-mpi: setup
+	command -v mpirun >/dev/null || (apt-get update -q && apt-get install -y -q openmpi-bin libopenmpi-dev)
+	$(PIP) install -q mpi4py
