@@ -35,11 +35,9 @@ step "loss curve -> $RUN_DIR/loss.png"
 "$PY" tools/plot_runs.py --run "CoLA debug=$RUN_DIR/cola/tensorboard" --output "$RUN_DIR/loss.png" \
   --title "Quickstart: CoLA debug on the sample corpus"
 
-if [[ -f tools/convert_to_hf.py ]]; then
-  step "export to Hugging Face -> $RUN_DIR/hf and sample through transformers"
-  "$PY" tools/convert_to_hf.py --load "$RUN_DIR/cola" --save "$RUN_DIR/hf" --dtype fp32
-  "$PY" tools/generate.py --load "$RUN_DIR/hf" --prompt "ROMEO." --max-new-tokens 40 --seed 0 --trust-remote-code
-fi
+step "export to Hugging Face -> $RUN_DIR/hf and sample through transformers"
+"$PY" tools/convert_to_hf.py --load "$RUN_DIR/cola" --save "$RUN_DIR/hf" --dtype fp32 --overwrite
+"$PY" tools/generate.py --load "$RUN_DIR/hf" --prompt "ROMEO." --max-new-tokens 40 --seed 0 --trust-remote-code
 
 step "done in $(( $(date +%s) - start )) s"
 cat <<MSG

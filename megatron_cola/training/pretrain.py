@@ -14,6 +14,7 @@ import random
 import socket
 import sys
 import time
+import warnings
 from typing import Any
 
 import numpy as np
@@ -397,6 +398,8 @@ def _run(args: argparse.Namespace, model_args: ModelArgs, tokenizer: Any, device
 
 
 def main(argv: list[str] | None = None) -> int:
+    # DeepSpeed 0.19 still calls a c10d API that torch 2.13 marks deprecated, once per step.
+    warnings.filterwarnings("ignore", message=".*all_gather_into_tensor.*", category=FutureWarning)
     try:
         pretrain(argv)
     except (ArgumentError, checkpointing.CheckpointError, ValueError, FileNotFoundError) as e:
