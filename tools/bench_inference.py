@@ -1,0 +1,225 @@
+#!/usr/bin/env python3
+"""Generation throughput and peak memory of CoLA vs full rank at the same size, prompt length and batch.
+
+python tools/bench_inference.py [--model-size 60M] [--batch-size 8] [--prompt-length 128] [--new-tokens 128]
+                                [--dtype fp32|bf16] [--device cpu|cuda] [--variants cola,full,llama]
+                                [--repeats 3] [--rounds 1] [--threads N] [--json]
+
+Each variant runs in its own subprocess (random init is fine: only shapes matter) and reports
+- ``generate tok/s``: new tokens per second of ``generate()`` (greedy, KV cache, prefill included),
+  median of ``--repeats`` calls after a warm-up (with ``--rounds N`` each variant runs N times,
+  alternating with the others, keeping the best figures: meant to damp a busy machine's noise);
+- ``prefill ms``: one forward over the prompt batch (last-position logits only, as in ``generate()``);
+- ``peak MiB``: CPU, the process's peak RSS at the end (``getrusage`` ``ru_maxrss``) minus its RSS just
+  before the model is built, so weights + KV cache + activations + allocator slack (PyTorch
+  allocations are invisible to ``tracemalloc``); CUDA, ``torch.cuda.max_memory_allocated``.
+
+Variants: ``cola`` and ``full`` both run Megatron-CoLA's ``ColaForCausalLM`` (``cola_rank=None`` gives
+dense maps), so they share every line of code but the linear maps; ``llama`` is ``transformers``'
+``LlamaForCausalLM`` at the full-rank shapes, for reference.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import resource
+import statistics
+import subprocess
+import sys
+import time
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+VARIANTS = ("cola", "full", "llama")
+DTYPES = ("fp32", "bf16")
+
+
+def _maxrss_mib() -> float:
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # Linux reports KiB
+
+
+def _rss_now_mib() -> float:
+    """Current resident set size (Linux ``/proc``; elsewhere the peak so far)."""
+    try:
+        with open("/proc/self/statm") as f:
+            return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE") / 2**20
+    except OSError:
+        return _maxrss_mib()
+
+
+def run_variant(a: argparse.Namespace) -> dict:
+    """Build one variant, time ``generate()``, measure memory; runs inside the worker subprocess."""
+    import torch
+
+    from megatron_cola.config import ModelArgs
+    from megatron_cola.convert.configuration_cola import ColaConfig
+    from megatron_cola.convert.modeling_cola import ColaForCausalLM
+
+    dtype = {"fp32": torch.float32, "bf16": torch.bfloat16}[a.dtype]
+    device = torch.device(a.device)
+    args = ModelArgs.from_size(a.model_size, full_rank=a.worker != "cola")
+    fields = dict(
+        vocab_size=args.vocab_size,
+        hidden_size=args.hidden_size,
+        intermediate_size=args.ffn_hidden_size,
+        num_hidden_layers=args.num_layers,
+        num_attention_heads=args.num_attention_heads,
+        max_position_embeddings=a.prompt_length + a.new_tokens,
+    )
+    cuda = device.type == "cuda"
+    if cuda:
+        torch.cuda.reset_peak_memory_stats(device)
+    rss_before = _rss_now_mib()
+    with torch.device("meta"):
+        if a.worker == "llama":
+            from transformers import LlamaConfig, LlamaForCausalLM
+
+            model = LlamaForCausalLM(LlamaConfig(**fields, tie_word_embeddings=False))
+        else:
+            config = ColaConfig(
+                **fields,
+                cola_rank=args.cola_rank if a.worker == "cola" else None,
+                gate_activation=args.gate_activation,
+            )
+            model = ColaForCausalLM(config)
+    model.to_empty(device=device)
+    model = model.to(dtype).eval()
+    gen = torch.Generator(device=device).manual_seed(0)
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if name.endswith("norm.weight") or "layernorm" in name:
+                p.fill_(1.0)
+            else:
+                p.normal_(0.0, 0.02, generator=gen)
+        for buf_name, buf in model.named_buffers():  # LLaMA's RoPE tables were left empty on the meta device
+            if "inv_freq" in buf_name:
+                rope = getattr(model.config, "rope_parameters", None) or {}
+                base = rope.get("rope_theta", getattr(model.config, "rope_theta", 10000.0))
+                hd = model.config.hidden_size // model.config.num_attention_heads
+                buf.copy_(1.0 / (base ** (torch.arange(0, hd, 2, device=device).float() / hd)))
+    weights_mib = sum(p.numel() * p.element_size() for p in model.parameters()) / 2**20
+    params = sum(p.numel() for p in model.parameters())
+
+    prompt = torch.randint(0, args.vocab_size, (a.batch_size, a.prompt_length), device=device, generator=gen)
+    mask = torch.ones_like(prompt)
+    kwargs = dict(
+        attention_mask=mask,
+        do_sample=False,
+        eos_token_id=None,
+        pad_token_id=0,
+        max_new_tokens=a.new_tokens,
+        min_new_tokens=a.new_tokens,
+    )
+
+    def sync() -> None:
+        if cuda:
+            torch.cuda.synchronize(device)
+
+    with torch.no_grad():
+        model.generate(prompt, **{**kwargs, "max_new_tokens": 4, "min_new_tokens": 4})  # warm-up
+        sync()
+        t = time.perf_counter()
+        model(prompt, attention_mask=mask, use_cache=True, logits_to_keep=1)  # as generate() does
+        sync()
+        prefill_ms = (time.perf_counter() - t) * 1e3
+        times = []
+        for _ in range(a.repeats):
+            sync()
+            t = time.perf_counter()
+            out = model.generate(prompt, **kwargs)
+            sync()
+            times.append(time.perf_counter() - t)
+    assert out.shape[1] == a.prompt_length + a.new_tokens
+    elapsed = statistics.median(times)
+    peak = torch.cuda.max_memory_allocated(device) / 2**20 if cuda else _maxrss_mib() - rss_before
+    return {
+        "variant": a.worker,
+        "params": params,
+        "weights_mib": weights_mib,
+        "generate_tok_s": a.batch_size * a.new_tokens / elapsed,
+        "prefill_ms": prefill_ms,
+        "peak_mib": peak,
+        "peak_kind": "cuda max_memory_allocated" if cuda else "peak RSS rise",
+    }
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--model-size", default="60M")
+    p.add_argument("--batch-size", type=int, default=8)
+    p.add_argument("--prompt-length", type=int, default=128)
+    p.add_argument("--new-tokens", type=int, default=128)
+    p.add_argument("--dtype", choices=DTYPES, default="fp32")
+    p.add_argument("--device", default="cpu")
+    p.add_argument("--variants", default="cola,full", help=f"comma-separated, from {list(VARIANTS)}")
+    p.add_argument("--repeats", type=int, default=3, help="timed generate() calls per run (median)")
+    p.add_argument("--rounds", type=int, default=1, help="runs per variant, alternating; the best is kept")
+    p.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's)")
+    p.add_argument("--json", action="store_true", help="print the results as JSON lines")
+    p.add_argument("--worker", choices=VARIANTS, help=argparse.SUPPRESS)
+    a = p.parse_args(argv)
+
+    if a.worker:
+        import torch
+
+        if a.threads:
+            torch.set_num_threads(a.threads)
+        from transformers.utils import logging as hf_logging
+
+        hf_logging.set_verbosity_error()
+        print("RESULT " + json.dumps(run_variant(a)))
+        return 0
+
+    variants = [v.strip() for v in a.variants.split(",") if v.strip()]
+    unknown = set(variants) - set(VARIANTS)
+    if unknown:
+        p.error(f"unknown variants {sorted(unknown)}; allowed: {list(VARIANTS)}")
+    passthrough = [
+        f"--{k.replace('_', '-')}={v}"
+        for k, v in vars(a).items()
+        if k not in ("json", "worker", "variants", "rounds") and v is not None
+    ]
+    best: dict[str, dict] = {}
+    for _ in range(a.rounds):  # variants alternate, so a busy machine slows each about equally
+        for v in variants:
+            cmd = [sys.executable, os.path.abspath(__file__), *passthrough, "--worker", v]
+            proc = subprocess.run(cmd, capture_output=True, text=True)
+            lines = [ln for ln in proc.stdout.splitlines() if ln.startswith("RESULT ")]
+            if proc.returncode != 0 or not lines:
+                print(f"bench_inference: variant {v} failed:\n{proc.stderr[-4000:]}", file=sys.stderr)
+                return 1
+            r = json.loads(lines[-1][len("RESULT ") :])
+            if v not in best:
+                best[v] = r
+                continue
+            kept = best[v]
+            if r["generate_tok_s"] > kept["generate_tok_s"]:
+                kept["generate_tok_s"] = r["generate_tok_s"]
+            kept["prefill_ms"] = min(kept["prefill_ms"], r["prefill_ms"])
+            kept["peak_mib"] = min(kept["peak_mib"], r["peak_mib"])
+    results = [best[v] for v in variants]
+    if a.json:
+        for r in results:
+            print(json.dumps(r))
+        return 0
+    ref = next((r for r in results if r["variant"] == "full"), results[0])
+    print(
+        f"size {a.model_size}, batch {a.batch_size}, prompt {a.prompt_length}, new tokens {a.new_tokens}, "
+        f"{a.dtype} on {a.device}; peak = {results[0]['peak_kind']}"
+    )
+    print("| variant | params | weights MiB | generate tok/s | vs full | prefill ms | peak MiB | vs full |")
+    print("|---|---|---|---|---|---|---|---|")
+    for r in results:
+        print(
+            f"| {r['variant']} | {r['params'] / 1e6:.1f}M | {r['weights_mib']:.0f} "
+            f"| {r['generate_tok_s']:.1f} | {r['generate_tok_s'] / ref['generate_tok_s']:.2f}x "
+            f"| {r['prefill_ms']:.0f} "
+            f"| {r['peak_mib']:.0f} | {ref['peak_mib'] / r['peak_mib']:.2f}x less |"
+        )
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
