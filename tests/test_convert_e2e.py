@@ -74,3 +74,43 @@ def test_trained_tp2_checkpoint_exports_to_hf(
         got = model(tokens).logits
     assert got.shape == expected.shape == (2, 24, 201)
     assert (got - expected).abs().max().item() < 1e-4
+
+
+def test_hf_import_continues_training(synthetic_prefix: str, tmp_path) -> None:
+    """ours -> HF -> convert_from_hf -> pretrain_cola.py --load: training continues from the weights
+    (the import is unpadded; the run pads its embedding/head to its own vocab multiple)."""
+    pytest.importorskip("transformers")
+    ckpt, hf, imported = tmp_path / "ckpt", tmp_path / "hf", tmp_path / "imported"
+    base = synthetic_args(synthetic_prefix, "--zero-stage", "1")
+    run_torchrun(
+        [*base, "--train-iters", "20", "--save", str(ckpt), "--tensorboard-dir", str(tmp_path / "a")]
+    )
+    for tool, src, dst in (("convert_to_hf.py", ckpt, hf), ("convert_from_hf.py", hf, imported)):
+        proc = subprocess.run(
+            [sys.executable, str(ROOT / "tools" / tool), "--load", str(src), "--save", str(dst)],
+            capture_output=True,
+            text=True,
+            timeout=300,
+        )
+        assert proc.returncode == 0, proc.stderr[-3000:]
+    out = run_torchrun(
+        [
+            *base,
+            "--train-iters",
+            "1",
+            "--lr",
+            "1e-9",
+            "--lr-warmup-iters",
+            "0",
+            "--load",
+            str(imported),
+            "--tensorboard-dir",
+            str(tmp_path / "b"),
+        ]
+    )
+    assert "loaded weights only" in out.stdout
+    from .test_training import train_losses
+
+    trained, continued = train_losses(tmp_path / "a"), train_losses(tmp_path / "b")
+    assert continued[1] < trained[1] - 1.0  # far below a fresh model's loss
+    assert abs(continued[1] - trained[20]) < 0.5
