@@ -262,3 +262,48 @@ def test_loss_goes_down_on_sample_corpus(sample_corpus: dict[str, str], tmp_path
     assert last < first - 1.5, (first, last)
     assert "validation loss at iteration 40" in proc.stdout and "test loss" in proc.stdout
     assert "| lm loss: " in proc.stdout and "tokens per second" in proc.stdout
+
+
+@pytest.mark.parametrize("stage", [1, 2, 3])
+def test_example_ds_configs_are_accepted(synthetic_prefix: str, stage: int) -> None:
+    path = ROOT / "examples" / f"ds_config_zero{stage}.json"
+    args = args_for(synthetic_prefix, "--deepspeed_config", str(path))
+    cfg = build_ds_config(args)
+    assert args.zero_stage == stage and args.bf16 and args.clip_grad == 0.5
+    assert cfg["zero_optimization"]["stage"] == stage and cfg["train_batch_size"] == 16
+    with pytest.raises(ArgumentError, match="--clip-grad 1.0 contradicts gradient_clipping=0.5"):
+        args_for(synthetic_prefix, "--deepspeed_config", str(path), "--clip-grad", "1.0")
+
+
+def test_vocab_size_only_for_null_tokenizer(synthetic_prefix: str, tmp_path) -> None:
+    model = tmp_path / "tok.model"
+    model.write_bytes(b"not a sentencepiece model")
+    argv = synthetic_args(synthetic_prefix, "--train-iters", "2")
+    argv[argv.index("NullTokenizer")] = "SentencePieceTokenizer"
+    with pytest.raises(ArgumentError, match="--vocab-size is only for --tokenizer-type NullTokenizer"):
+        validate_args(parse_args([*argv, "--tokenizer-model", str(model)]), 1)
+    argv.remove("--vocab-size")
+    argv.remove("256")
+    proc = subprocess.run(
+        [sys.executable, str(ROOT / "pretrain_cola.py"), *argv, "--tokenizer-model", str(model)],
+        env=dist_env(),
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert proc.returncode == 2 and "cannot load --tokenizer-model" in proc.stderr
+    assert "Traceback" not in proc.stderr
+
+
+def test_data_from_another_tokenizer_is_refused(synthetic_prefix: str) -> None:
+    argv = synthetic_args(synthetic_prefix, "--train-iters", "2")
+    argv[argv.index("--vocab-size") + 1] = "100"  # the synthetic data holds ids up to 249
+    proc = subprocess.run(
+        [sys.executable, str(ROOT / "pretrain_cola.py"), *argv],
+        env=dist_env(),
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert proc.returncode == 2
+    assert "has only 101 ids: preprocess the data with the same tokenizer" in proc.stderr

@@ -140,8 +140,10 @@ def main(argv: list[str] | None = None) -> int:
     finally:
         shutil.rmtree(out_dir, ignore_errors=True)
     if args.json:
-        with open(args.json, "w") as f:
+        tmp = f"{args.json}.tmp.{os.getpid()}"
+        with open(tmp, "w") as f:
             json.dump(results, f, indent=2)
+        os.replace(tmp, args.json)
     return 0
 
 

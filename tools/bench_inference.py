@@ -160,6 +160,14 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--json", action="store_true", help="print the results as JSON lines")
     p.add_argument("--worker", choices=VARIANTS, help=argparse.SUPPRESS)
     a = p.parse_args(argv)
+    from megatron_cola.config import SIZES, ModelArgs
+
+    if a.model_size not in SIZES:
+        p.error(f"unknown --model-size {a.model_size!r}; allowed: {list(SIZES)}")
+    try:
+        ModelArgs.from_size(a.model_size)
+    except ValueError as e:
+        p.error(str(e))
 
     if a.worker:
         import torch

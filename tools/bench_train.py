@@ -31,13 +31,17 @@ from megatron_cola.training.logging_utils import peak_tflops  # noqa: E402
 
 
 def parse_variant(spec: str, size: str, vocab: int | None, seq: int) -> tuple[str, ModelArgs]:
+    """``(spec, ModelArgs)``; exits with a message on an unknown variant or size."""
     name, _, recompute = spec.partition(":")
     if name not in ("cola", "full-rank"):
         raise SystemExit(f"bench_train.py: variant {spec!r}: expected cola or full-rank[:RECOMPUTE]")
     overrides = {"recompute": recompute or "none", "max_seq_length": seq}
     if vocab:
         overrides["vocab_size"] = vocab
-    return spec, ModelArgs.from_size(size, full_rank=name == "full-rank", **overrides)
+    try:
+        return spec, ModelArgs.from_size(size, full_rank=name == "full-rank", **overrides)
+    except ValueError as e:
+        raise SystemExit(f"bench_train.py: error: {e}") from e
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -135,8 +139,10 @@ def main(argv: list[str] | None = None) -> None:
             f"{r['tflops']:.2f} | {mfu} | {mem} |"
         )
     if ns.json:
-        with open(ns.json, "w") as f:
+        tmp = f"{ns.json}.tmp.{os.getpid()}"
+        with open(tmp, "w") as f:
             json.dump({"config": vars(ns), "rows": rows}, f, indent=2)
+        os.replace(tmp, ns.json)
 
 
 if __name__ == "__main__":

@@ -31,6 +31,13 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--dtype", choices=sorted(DTYPE_BYTES), default="bf16", help="activation dtype")
     p.add_argument("--recompute", choices=["none", "full", "cola-m"], default="none")
     a = p.parse_args(argv)
+    for size in a.model_size:
+        try:
+            ModelArgs.from_size(size)
+        except ValueError as e:
+            p.error(str(e))
+    if any(t < 1 for t in a.tp):
+        p.error(f"--tp sizes must be >= 1, got {a.tp}")
     rows = comm_table(tuple(a.model_size), tuple(a.tp), DTYPE_BYTES[a.dtype], a.recompute)
     note = " (dense: full)" if a.recompute == "cola-m" else ""
     print(f"bytes sent per rank per token per block, fwd+bwd, {a.dtype}, recompute={a.recompute}{note}\n")

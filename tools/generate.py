@@ -40,6 +40,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     p.add_argument("--trust-remote-code", action="store_true", help="allow custom code of other HF folders")
     a = p.parse_args(argv)
+    if not os.path.exists(a.load):
+        p.error(f"--load {a.load} does not exist (a checkpoint directory or a Hugging Face folder)")
 
     from transformers.utils import logging as hf_logging
 

@@ -98,7 +98,9 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--adam-beta1", type=float, default=0.9)
     g.add_argument("--adam-beta2", type=float, default=0.95)
     g.add_argument("--adam-eps", type=float, default=1e-8)
-    g.add_argument("--clip-grad", type=float, default=0.5, help="global gradient-norm clip (0 disables)")
+    g.add_argument(
+        "--clip-grad", type=float, default=None, help="global gradient-norm clip, 0 disables (default 0.5)"
+    )
 
     g = p.add_argument_group("data")
     g.add_argument(
@@ -231,6 +233,11 @@ def validate_args(args: argparse.Namespace, world_size: int | None = None) -> ar
     if args.tokenizer_type == "NullTokenizer":
         if args.vocab_size is None:
             raise ArgumentError("--tokenizer-type NullTokenizer needs --vocab-size")
+    elif args.vocab_size is not None:
+        raise ArgumentError(
+            f"--vocab-size is only for --tokenizer-type NullTokenizer; {args.tokenizer_type} takes its "
+            "vocab from --tokenizer-model (the embedding is padded with --make-vocab-size-divisible-by)"
+        )
     elif not args.tokenizer_model:
         raise ArgumentError(f"--tokenizer-type {args.tokenizer_type} needs --tokenizer-model PATH")
     elif not os.path.exists(args.tokenizer_model):
@@ -276,6 +283,8 @@ def _reconcile_deepspeed_config(args: argparse.Namespace) -> None:
     if args.deepspeed_config is None:
         if args.zero_stage is None:
             args.zero_stage = 1
+        if args.clip_grad is None:
+            args.clip_grad = 0.5
         return
     try:
         with open(args.deepspeed_config) as f:
@@ -295,6 +304,15 @@ def _reconcile_deepspeed_config(args: argparse.Namespace) -> None:
                 f"{args.deepspeed_config}: {key}={cfg[key]} contradicts the flags ({key} would be {value}); "
                 "make them agree or remove the key from the config"
             )
+    clip = cfg.get("gradient_clipping")
+    if clip is not None and args.clip_grad is not None and float(clip) != args.clip_grad:
+        raise ArgumentError(
+            f"--clip-grad {args.clip_grad} contradicts gradient_clipping={clip} in {args.deepspeed_config}; "
+            "drop one of them"
+        )
+    args.clip_grad = (
+        float(clip) if clip is not None else (args.clip_grad if args.clip_grad is not None else 0.5)
+    )
     stage = cfg.get("zero_optimization", {}).get("stage")
     if stage is not None and args.zero_stage is not None and int(stage) != args.zero_stage:
         raise ArgumentError(

@@ -45,6 +45,9 @@ _MUST_MATCH = {
     "train_iters": "--train-iters",
     "lr": "--lr",
     "lr_decay_style": "--lr-decay-style",
+    "min_lr": "--min-lr",
+    "lr_warmup_iters": "--lr-warmup-iters",
+    "lr_decay_iters": "--lr-decay-iters",
     "seed": "--seed",
 }
 _RECORDED_FLAGS = sorted(
@@ -90,19 +93,34 @@ def recorded_flags(args: argparse.Namespace) -> dict[str, Any]:
     return {k: getattr(args, k, None) for k in _RECORDED_FLAGS}
 
 
-def _gathered_state_dict(engine: Any, zero_stage: int) -> dict[str, torch.Tensor]:
-    """This rank's (TP-local) full parameters; under ZeRO-3 they are gathered one module at a time."""
+def _gathered_state_dict(engine: Any, zero_stage: int, keep: bool) -> dict[str, torch.Tensor]:
+    """This rank's (TP-local) full parameters, copied to CPU when ``keep`` (the writing rank).
+
+    Under ZeRO-3 every rank takes part in gathering, one block (or embedding/norm/head) at a time, so no
+    more than one layer is ever materialised beyond the shards.
+    """
     module = engine.module
+    out: dict[str, torch.Tensor] = {}
     if zero_stage < 3:
-        return {n: p.detach().clone() for n, p in module.named_parameters()}
+        if keep:
+            out = {n: p.detach().to("cpu", copy=True) for n, p in module.named_parameters()}
+        return out
     import deepspeed
 
-    out: dict[str, torch.Tensor] = {}
-    for prefix, child in module.named_children():
-        params = list(child.parameters())
+    units: list[tuple[str, torch.nn.Module]] = []
+    for name, child in module.named_children():
+        if isinstance(child, torch.nn.ModuleList):
+            units += [(f"{name}.{i}", sub) for i, sub in enumerate(child)]
+        else:
+            units.append((name, child))
+    for prefix, unit in units:
+        params = list(unit.parameters())
+        if not params:
+            continue
         with deepspeed.zero.GatheredParameters(params, modifier_rank=None):
-            for n, p in child.named_parameters():
-                out[f"{prefix}.{n}"] = p.detach().clone()
+            if keep:
+                for n, p in unit.named_parameters():
+                    out[f"{prefix}.{n}"] = p.detach().to("cpu", copy=True)
     return out
 
 
@@ -129,7 +147,7 @@ def save_checkpoint(
     }
     engine.save_checkpoint(args.save, tag=tag, client_state=client_state, save_latest=False)
     ckpt_dir = os.path.join(args.save, tag)
-    state = _gathered_state_dict(engine, args.zero_stage)
+    state = _gathered_state_dict(engine, args.zero_stage, keep=parallel.dp_rank == 0)
     if parallel.dp_rank == 0:
         save_model_file(
             os.path.join(ckpt_dir, model_file_name(parallel.tp_rank)),
@@ -211,6 +229,21 @@ def load_weights_only(
     return meta
 
 
+# Architecture details a weights-only load takes from the checkpoint rather than from --model-size.
+_ADOPTED_FIELDS = ("norm_eps", "rope_theta", "gate_activation", "cola_activation", "init_std")
+
+
+def adopt_architecture(model_args: ModelArgs, load_dir: str) -> tuple[ModelArgs, dict[str, Any]]:
+    """``model_args`` with the checkpoint's values of ``_ADOPTED_FIELDS``, and what changed."""
+    tag = read_latest(load_dir)
+    paths = sorted(glob.glob(os.path.join(load_dir, tag or "", "model_tp*.pt"))) if tag else []
+    if not paths:
+        raise CheckpointError(f"{load_dir}/{tag}: no model_tpNN.pt files to load weights from")
+    saved = torch.load(paths[0], map_location="cpu", weights_only=False, mmap=True)["args"]
+    changes = {k: saved[k] for k in _ADOPTED_FIELDS if k in saved and saved[k] != getattr(model_args, k)}
+    return (model_args.replace(**changes) if changes else model_args), changes
+
+
 def check_compatible(client_state: dict[str, Any], args: argparse.Namespace, model_args: ModelArgs) -> None:
     """Refuse a resume whose flags would not continue the same run."""
     saved_model = dict(client_state.get("model_args", {}))
@@ -278,7 +311,7 @@ def load_checkpoint(engine: Any, args: argparse.Namespace, model_args: ModelArgs
         args.load,
         tag=tag,
         load_optimizer_states=not args.no_load_optim,
-        load_lr_scheduler_states=not args.no_load_optim,
+        load_lr_scheduler_states=True,  # the schedule continues at the iteration even with --no-load-optim
     )
     if client_state is None:
         raise CheckpointError(f"DeepSpeed could not load {ckpt_dir}")

@@ -21,7 +21,7 @@ def build_ds_config(args: argparse.Namespace) -> dict[str, Any]:
     cfg["train_batch_size"] = args.global_batch_size
     cfg["train_micro_batch_size_per_gpu"] = args.micro_batch_size
     cfg["gradient_accumulation_steps"] = args.gradient_accumulation_steps
-    cfg.setdefault("gradient_clipping", args.clip_grad)
+    cfg["gradient_clipping"] = args.clip_grad
     cfg["bf16"] = {**cfg.get("bf16", {}), "enabled": bool(args.bf16)}
     cfg.pop("fp16", None)
     zero = dict(cfg.get("zero_optimization", {}))

@@ -165,6 +165,18 @@ def _loader(args: argparse.Namespace, dataset: Any, consumed: int, parallel: Any
     )
 
 
+def _check_token_ids(dataset: Any, vocab_size: int, args: argparse.Namespace, probe: int = 64) -> None:
+    """Fail early (not with an embedding index error mid-run) when the data was tokenized differently."""
+    n = min(len(dataset), probe)
+    top = max(int(np.max(dataset[i]["text"])) for i in range(n)) if n else 0
+    if top >= vocab_size:
+        raise ArgumentError(
+            f"--data-path holds token id {top}, but the tokenizer ({args.tokenizer_type} "
+            f"{args.tokenizer_model or ''}) has only {vocab_size} ids: preprocess the data with the same "
+            "tokenizer you train with"
+        )
+
+
 def _tokens_and_labels(batch: dict[str, Any], device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
     text = torch.as_tensor(batch["text"]).long().to(device, non_blocking=True)  # (mbs, seq + 1)
     return text[:, :-1].contiguous(), text[:, 1:].contiguous()
@@ -211,7 +223,12 @@ def pretrain(argv: list[str] | None = None) -> dict[str, Any]:
     validate_args(args)
     from megatron_cola.data import build_tokenizer
 
-    tokenizer = build_tokenizer(args.tokenizer_type, args.tokenizer_model, args.vocab_size)
+    try:
+        tokenizer = build_tokenizer(args.tokenizer_type, args.tokenizer_model, args.vocab_size)
+    except (RuntimeError, OSError, ValueError) as e:  # e.g. sentencepiece cannot parse the file
+        raise ArgumentError(
+            f"cannot load --tokenizer-model {args.tokenizer_model} as {args.tokenizer_type}: {e}"
+        ) from e
     tp = args.tensor_model_parallel_size
     vocab = pad_vocab_size(tokenizer.vocab_size, args.make_vocab_size_divisible_by, tp)
     model_args = model_args_from(args, vocab)
@@ -222,6 +239,7 @@ def pretrain(argv: list[str] | None = None) -> dict[str, Any]:
             check_tensor_parallel_sizes(model_args, tp)
         except ValueError as e:
             raise ArgumentError(str(e)) from e
+    _prepare_launch_env()  # LOCAL_RANK etc. for srun / single process, before picking the GPU
     device = _resolve_device(args.device)
 
     created_pg = _init_distributed(device)
@@ -252,7 +270,6 @@ def _run(args: argparse.Namespace, model_args: ModelArgs, tokenizer: Any, device
         f"global batch {args.global_batch_size} = {args.micro_batch_size} x {parallel.dp_size} x "
         f"{args.gradient_accumulation_steps}"
     )
-    model = _build_model(args, model_args, parallel, device)
     resume_dir_tag = read_latest(args.load) if args.load else None
     if args.load and resume_dir_tag is None:
         print_rank_0(f"> no checkpoint in {args.load} yet: starting from scratch")
@@ -261,6 +278,13 @@ def _run(args: argparse.Namespace, model_args: ModelArgs, tokenizer: Any, device
         and resume_dir_tag is not None
         and (args.finetune or not checkpointing.has_deepspeed_state(os.path.join(args.load, resume_dir_tag)))
     )
+    if weights_only:
+        # Weights from elsewhere (an HF import, another layout): their architecture details win over
+        # the size's defaults (e.g. a Llama-2 import's rms_norm_eps, a Llama-3 import's rope_theta).
+        model_args, adopted = checkpointing.adopt_architecture(model_args, args.load)
+        if adopted:
+            print_rank_0(f"> from the checkpoint: {adopted}")
+    model = _build_model(args, model_args, parallel, device)
     if weights_only:
         checkpointing.load_weights_only(model, args.load, seed=args.seed, init_std=model_args.init_std)
         print_rank_0(f"> loaded weights only from {args.load}/{resume_dir_tag}; starting at iteration 0")
@@ -297,6 +321,7 @@ def _run(args: argparse.Namespace, model_args: ModelArgs, tokenizer: Any, device
     peak = peak_tflops(device)
     tokens_per_step = args.global_batch_size * args.seq_length
 
+    _check_token_ids(train_ds, tokenizer.vocab_size, args)
     train_iter = iter(_loader(args, train_ds, consumed, parallel)) if iteration < args.train_iters else None
     window: list[float] = []
     last_saved = None
