@@ -11,6 +11,7 @@
 #   TB_DIR           TensorBoard + metrics.jsonl                [$SAVE_DIR/tensorboard]
 #   NNODES [1]  GPUS_PER_NODE [8]  HOSTFILE (multi-node: "host slots=N" lines)  MASTER_ADDR  MASTER_PORT [29500]
 #   TP [1]      tensor-model-parallel size      ZERO_STAGE [1]    MICRO_BATCH [size default]
+#   DS_CONFIG   a DeepSpeed JSON (e.g. examples/ds_config_zero3.json) instead of ZERO_STAGE
 #   GLOBAL_BATCH [512]   SEQ_LENGTH [256]   RECOMPUTE [none|full|cola-m]   FULL_RANK=1 for the LLaMA baseline
 #   LAUNCHER [deepspeed|torchrun|none]  (none: print the command only)   EXTRA_ARGS  appended verbatim
 set -euo pipefail
@@ -47,14 +48,19 @@ args=(
   --global-batch-size "$GLOBAL_BATCH"
   --train-iters "$TRAIN_ITERS"
   --lr "$LR" --min-lr "$MIN_LR" --lr-warmup-iters "$WARMUP" --lr-decay-style cosine
-  --weight-decay 0.01 --clip-grad 0.5 --adam-beta1 0.9 --adam-beta2 0.95
-  --bf16 --zero-stage "$ZERO_STAGE" --tensor-model-parallel-size "$TP" --recompute "$RECOMPUTE"
+  --weight-decay 0.01 --adam-beta1 0.9 --adam-beta2 0.95
+  --bf16 --tensor-model-parallel-size "$TP" --recompute "$RECOMPUTE"
   --data-path "${data_path_words[@]}" --split "969,30,1"
   --tokenizer-type "$TOKENIZER_TYPE" --tokenizer-model "$TOKENIZER_MODEL"
   --save "$SAVE_DIR" --load "$SAVE_DIR" --save-interval "${SAVE_INTERVAL:-1000}"
   --eval-interval "${EVAL_INTERVAL:-1000}" --eval-iters "${EVAL_ITERS:-10}" --log-interval "${LOG_INTERVAL:-10}"
   --tensorboard-dir "$TB_DIR"
 )
+if [[ -n "${DS_CONFIG:-}" ]]; then
+  args+=(--deepspeed_config "$DS_CONFIG")   # ZeRO stage and clipping come from the file
+else
+  args+=(--zero-stage "$ZERO_STAGE" --clip-grad 0.5)
+fi
 if [[ "$FULL_RANK" == 1 ]]; then args+=(--full-rank); fi
 if [[ -n "${FFN_HIDDEN_SIZE:-}" ]]; then args+=(--ffn-hidden-size "$FFN_HIDDEN_SIZE"); fi
 if [[ -n "${EXTRA_ARGS:-}" ]]; then

@@ -72,6 +72,28 @@ def test_size_scripts_resolve_to_valid_flags(size: str, full_rank: str, tp: str,
         assert args.recompute != "cola-m"
 
 
+def test_size_script_with_ds_config(tmp_path) -> None:
+    """DS_CONFIG replaces --zero-stage/--clip-grad, so the template's values do not contradict flags."""
+    env = {
+        **dist_env(),
+        "LAUNCHER": "none",
+        "DATA_PATH": "/d/a_text_document",
+        "TOKENIZER_MODEL": "/d/tok.model",
+        "DS_CONFIG": str(ROOT / "examples" / "ds_config_zero3.json"),
+        "SAVE_DIR": str(tmp_path / "ck"),
+    }
+    proc = subprocess.run(
+        ["bash", str(ROOT / "examples/pretrain_cola_7b.sh")],
+        env=env,
+        capture_output=True,
+        text=True,
+        check=True,
+    )
+    args = parse_args(shlex.split(proc.stdout.strip().splitlines()[-1])[2:])
+    assert args.deepspeed_config.endswith("ds_config_zero3.json")
+    assert args.zero_stage is None and args.clip_grad is None
+
+
 @pytest.mark.slow
 def test_mpirun_trains(synthetic_prefix: str, tmp_path) -> None:
     """mpirun starts the ranks; pretrain_cola.py finds them through mpi4py (skipped without Open MPI)."""
