@@ -34,7 +34,7 @@ def test_trained_tp2_checkpoint_exports_to_hf(
         "--save",
         str(ckpt),
     )
-    args[args.index("--vocab-size") + 1] = "200"  # 201 ids, padded to 256 for TP=2: export must drop it
+    args[args.index("--vocab-size") + 1] = "250"  # 251 ids, padded to 256 for TP=2: export must drop it
     if full_rank:
         args.append("--full-rank")
     run_torchrun(args)
@@ -63,16 +63,16 @@ def test_trained_tp2_checkpoint_exports_to_hf(
     state, meta = load_full_state_dict(str(ckpt), drop_vocab_padding=True)
     ours = CoLALlama(ModelArgs.from_dict(meta["args"]))
     ours.load_state_dict(state)
-    assert ours.args.vocab_size == 201
+    assert ours.args.vocab_size == 251
     model = transformers.AutoModelForCausalLM.from_pretrained(
         str(hf), trust_remote_code=True, dtype=torch.float32
     )
     assert type(model).__name__ == ("LlamaForCausalLM" if full_rank else "ColaForCausalLM")
-    tokens = torch.randint(0, 201, (2, 24), generator=torch.Generator().manual_seed(0))
+    tokens = torch.randint(0, 251, (2, 24), generator=torch.Generator().manual_seed(0))
     with torch.no_grad():
         expected = ours(tokens)
         got = model(tokens).logits
-    assert got.shape == expected.shape == (2, 24, 201)
+    assert got.shape == expected.shape == (2, 24, 251)
     assert (got - expected).abs().max().item() < 1e-4
 
 
