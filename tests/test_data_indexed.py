@@ -9,11 +9,6 @@ import struct
 import numpy as np
 import pytest
 
-try:  # tests/ as a package (tests/__init__.py) or as a plain directory
-    from tests.test_data_common import spec_expected_idx_bytes, spec_read_dataset, spec_write_dataset
-except ImportError:
-    from test_data_common import spec_expected_idx_bytes, spec_read_dataset, spec_write_dataset
-
 from megatron_cola.data.indexed_dataset import (
     IndexedDatasetError,
     MMapIndexedDataset,
@@ -22,6 +17,8 @@ from megatron_cola.data.indexed_dataset import (
     data_file_path,
     index_file_path,
 )
+
+from .test_data_common import spec_expected_idx_bytes, spec_read_dataset, spec_write_dataset
 
 
 def _random_seqs(rng: random.Random, n: int, hi: int, max_len: int = 40) -> list[list[int]]:

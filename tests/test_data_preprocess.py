@@ -15,28 +15,17 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-try:  # tests/ as a package (tests/__init__.py) or as a plain directory
-    from tests.test_data_common import (
-        TOOLS,
-        make_docs,
-        run_tool,
-        spec_expected_idx_bytes,
-        spec_read_dataset,
-        train_tiny_spm,
-        write_jsonl,
-    )
-except ImportError:
-    from test_data_common import (
-        TOOLS,
-        make_docs,
-        run_tool,
-        spec_expected_idx_bytes,
-        spec_read_dataset,
-        train_tiny_spm,
-        write_jsonl,
-    )
-
 from megatron_cola.data import MMapIndexedDataset, SentencePieceTokenizer
+
+from .test_data_common import (
+    TOOLS,
+    make_docs,
+    run_tool,
+    spec_expected_idx_bytes,
+    spec_read_dataset,
+    train_tiny_spm,
+    write_jsonl,
+)
 
 
 def _files(directory: Path) -> list[str]:

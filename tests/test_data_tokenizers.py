@@ -7,17 +7,14 @@ import pickle
 
 import pytest
 
-try:  # tests/ as a package (tests/__init__.py) or as a plain directory
-    from tests.test_data_common import make_docs, run_tool, train_tiny_spm, write_jsonl
-except ImportError:
-    from test_data_common import make_docs, run_tool, train_tiny_spm, write_jsonl
-
 from megatron_cola.data.tokenizers import (
     HuggingFaceTokenizer,
     NullTokenizer,
     SentencePieceTokenizer,
     build_tokenizer,
 )
+
+from .test_data_common import make_docs, run_tool, train_tiny_spm, write_jsonl
 
 
 @pytest.fixture(scope="module")

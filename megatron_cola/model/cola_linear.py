@@ -93,9 +93,4 @@ class CoLALinear(nn.Module):
         )
 
 
-def cola_flops_ratio(in_features: int, out_features: int, rank: int) -> float:
-    """Matmul FLOPs of ``CoLALinear`` relative to a dense ``nn.Linear`` of the same shape."""
-    return rank * (in_features + out_features) / (in_features * out_features)
-
-
-__all__ = ["CoLALinear", "cola_init_std", "get_activation", "cola_flops_ratio"]
+__all__ = ["CoLALinear", "cola_init_std", "get_activation"]

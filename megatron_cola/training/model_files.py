@@ -20,7 +20,6 @@ from __future__ import annotations
 
 import glob
 import os
-import re
 from typing import Any
 
 import torch
@@ -162,13 +161,3 @@ def load_full_state_dict(
             state[name] = state[name][:n].contiguous()
         meta["args"]["vocab_size"] = n
     return state, meta
-
-
-def checkpoint_iterations(load_dir: str) -> list[int]:
-    """Iterations of the checkpoint directories present under ``load_dir`` (complete or not)."""
-    out = []
-    for name in os.listdir(load_dir) if os.path.isdir(load_dir) else []:
-        m = re.fullmatch(r"iter_(\d{7,})", name)
-        if m:
-            out.append(int(m.group(1)))
-    return sorted(out)
