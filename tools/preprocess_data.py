@@ -51,13 +51,14 @@ from megatron_cola.data.indexed_dataset import (  # noqa: E402
     remove_dataset,
 )
 from megatron_cola.data.tokenizers import TOKENIZER_TYPES, AbstractTokenizer, build_tokenizer  # noqa: E402
+from megatron_cola.errors import DataError  # noqa: E402
 
 CHUNK_LINES = 1024
 CHUNK_BYTES = 1 << 18
 MAX_REPORTED_BAD_LINES = 50
 
 
-class StrictError(RuntimeError):
+class StrictError(DataError):
     """A bad input line under ``--strict``."""
 
 

@@ -29,6 +29,7 @@ from typing import Any
 import torch
 
 from megatron_cola.config import ModelArgs
+from megatron_cola.errors import ConversionError  # noqa: F401  (re-exported)
 from megatron_cola.model.transformer import CoLALlama
 
 LAYOUTS = ("llama", "megatron_cola", "official_cola")
@@ -39,10 +40,6 @@ BIN_WEIGHTS = "pytorch_model.bin"
 BIN_INDEX = "pytorch_model.bin.index.json"
 # Tensors some HF LLaMA checkpoints carry that hold no weights.
 IGNORED_HF_TENSORS = re.compile(r".*rotary_emb\.inv_freq$")
-
-
-class ConversionError(ValueError):
-    """A checkpoint or folder that cannot be converted; the message names the tensor or field."""
 
 
 # ---------------------------------------------------------------------------------------------- names

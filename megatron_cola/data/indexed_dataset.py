@@ -24,6 +24,8 @@ from collections.abc import Iterable
 import numpy as np
 import numpy.typing as npt
 
+from megatron_cola.errors import DataError
+
 __all__ = [
     "DTYPE_CODES",
     "IndexedDatasetError",
@@ -55,7 +57,7 @@ DTYPE_CODES: dict[int, type[np.generic]] = {
 }
 
 
-class IndexedDatasetError(ValueError):
+class IndexedDatasetError(DataError):
     """An ``.idx``/``.bin`` pair that cannot be read: wrong magic, unknown version or dtype, sizes that
     disagree. The message names the offending file."""
 

@@ -13,6 +13,7 @@ import os
 from typing import Any
 
 from megatron_cola.config import RECOMPUTE_CHOICES, SIZES, ModelArgs
+from megatron_cola.errors import ConfigError
 from megatron_cola.parallel.transform import pad_vocab_size  # noqa: F401  (re-exported)
 
 TOKENIZER_TYPES = (
@@ -23,7 +24,7 @@ TOKENIZER_TYPES = (
 )
 
 
-class ArgumentError(ValueError):
+class ArgumentError(ConfigError):
     """A flag is missing, malformed or contradicts another; the message says what to change."""
 
 

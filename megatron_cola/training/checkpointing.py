@@ -25,6 +25,7 @@ import torch
 import torch.distributed as dist
 
 from megatron_cola.config import ModelArgs
+from megatron_cola.errors import CheckpointError  # noqa: F401  (re-exported)
 from megatron_cola.model.transformer import param_seed
 from megatron_cola.training.model_files import (
     LATEST_FILE,
@@ -68,10 +69,6 @@ _RECORDED_FLAGS = sorted(
         "clip_grad",
     }
 )
-
-
-class CheckpointError(RuntimeError):
-    """A checkpoint cannot be used by this run; the message says why and what to change."""
 
 
 def _rng_state() -> dict[str, Any]:
