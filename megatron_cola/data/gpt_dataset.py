@@ -33,6 +33,7 @@ from typing import Any
 
 import numpy as np
 
+from megatron_cola.atomic_io import atomic_open, atomic_write_text
 from megatron_cola.data import helpers
 from megatron_cola.data.indexed_dataset import MMapIndexedDataset, data_file_path, index_file_path
 
@@ -100,27 +101,8 @@ def _distributed() -> Any | None:
 
 
 def _atomic_save(path: str, array: np.ndarray) -> None:
-    fd, tmp = tempfile.mkstemp(dir=os.path.dirname(path), prefix=os.path.basename(path) + ".", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "wb") as f:
-            np.save(f, array, allow_pickle=False)
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.remove(tmp)
-        raise
-
-
-def _atomic_write_text(path: str, text: str) -> None:
-    fd, tmp = tempfile.mkstemp(dir=os.path.dirname(path), prefix=os.path.basename(path) + ".", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "w", encoding="utf-8") as f:
-            f.write(text)
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.remove(tmp)
-        raise
+    with atomic_open(path, "wb") as f:
+        np.save(f, array, allow_pickle=False)
 
 
 def load_or_build_indices(
@@ -155,7 +137,7 @@ def load_or_build_indices(
             os.makedirs(cache_dir, exist_ok=True)
             for name in names:
                 _atomic_save(paths[name], arrays[name])
-            _atomic_write_text(desc_path, description)
+            atomic_write_text(desc_path, description)
         except OSError as exc:
             warnings.warn(
                 f"could not write the dataset index cache in {cache_dir} ({exc}); keeping it in memory",

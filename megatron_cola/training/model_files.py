@@ -24,6 +24,8 @@ from typing import Any
 
 import torch
 
+from megatron_cola.atomic_io import atomic_open, atomic_write_text  # noqa: F401  (re-exported)
+
 FORMAT = "megatron-cola-model"
 VERSION = 1
 LATEST_FILE = "latest"
@@ -39,18 +41,8 @@ def iteration_tag(iteration: int) -> str:
 
 
 def atomic_torch_save(obj: Any, path: str) -> None:
-    tmp = f"{path}.tmp.{os.getpid()}"
-    torch.save(obj, tmp)
-    os.replace(tmp, path)
-
-
-def atomic_write_text(path: str, text: str) -> None:
-    tmp = f"{path}.tmp.{os.getpid()}"
-    with open(tmp, "w") as f:
-        f.write(text)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
+    with atomic_open(path, "wb") as f:
+        torch.save(obj, f)
 
 
 def save_model_file(
