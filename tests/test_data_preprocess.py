@@ -137,7 +137,7 @@ BAD_LINES = [
     (b'{"text": 5}', "holds a int, expected a string"),
     (b"", None),  # blank line: ignored
     (b'{"text": "6 x 7"}', "tokenizer failed"),
-    (b'{"text": ""}', None),  # empty document: dropped
+    (b'{"text": ""}', None),  # empty document: recorded without a sequence
     (b'{"text": "8 9"}', None),
 ]
 
@@ -171,10 +171,14 @@ def test_bad_lines_reported_skipped_and_counted(tmp_path, workers, partitions):
         assert reasons[line_no] in msg, msg
     if partitions == 1:
         assert [int(m.split(f"{src}:")[1].split(":")[0]) for m in warned] == [n for n, _ in expected_bad[:50]]
-    assert f"skipped {len(expected_bad)} bad lines, dropped 30 empty documents" in proc.stdout
+    assert f"skipped {len(expected_bad)} bad lines, recorded 30 empty documents" in proc.stdout
     ds = MMapIndexedDataset(f"{prefix}_text_document")
     assert [ds[i].tolist() for i in range(3)] == [[1, 2, 3, 1000], [8, 9, 1000], [1, 2, 3, 1000]]
     assert len(ds) == 60
+    # per repeat: documents "1 2 3", "" (no sequence), "8 9" -> boundaries 0, 1, 1, 2, 3, 3, 4, ...
+    assert ds.document_indices.tolist() == [0] + [
+        x for r in range(30) for x in (2 * r + 1, 2 * r + 1, 2 * r + 2)
+    ]
 
 
 def test_strict_fails_cleanly(tmp_path):
@@ -207,12 +211,17 @@ def test_multiple_keys_empty_docs_and_dtype(tmp_path):
         "preprocess_data", "--input", src, "--output-prefix", prefix, "--json-keys", "text", "title",
         "--tokenizer-type", "NullTokenizer", "--vocab-size", "70000", "--append-eod",
     )  # fmt: skip
-    assert "dropped 2 empty documents" in proc.stdout
+    assert "recorded 2 empty documents" in proc.stdout
     text = MMapIndexedDataset(f"{prefix}_text_document")
     title = MMapIndexedDataset(f"{prefix}_title_document")
     assert text.dtype == np.int32  # vocab 70001 >= 65500
     assert [text[i].tolist() for i in range(len(text))] == [[1, 2, 70000], [3, 70000]]
     assert [title[i].tolist() for i in range(len(title))] == [[7, 70000], [8, 9, 70000]]
+    # Megatron's layout: an empty document is a repeated boundary (no sequence, no EOD)
+    assert text.document_indices.tolist() == [0, 1, 1, 2]
+    assert title.document_indices.tolist() == [0, 1, 2, 2]
+    with open(f"{prefix}_text_document.idx", "rb") as f:
+        assert f.read() == spec_expected_idx_bytes([3, 2], [0, 1, 1, 2], "int32")
 
 
 def test_interrupted_run_leaves_no_valid_pair(tmp_path):
@@ -223,11 +232,12 @@ def test_interrupted_run_leaves_no_valid_pair(tmp_path):
             f.write(json.dumps({"text": " ".join(map(str, rng.integers(0, 1000, 24)))}) + "\n")
     out = tmp_path / "out"
     prefix = out / "ds"
-    for sig in (signal.SIGKILL, signal.SIGINT):
+    runs = [(signal.SIGKILL, 1), (signal.SIGINT, 1), (signal.SIGTERM, 1), (signal.SIGTERM, 2)]
+    for sig, parallel in runs:  # parallel=2: two workers in each of two partition processes
         proc = subprocess.Popen(
             [sys.executable, str(TOOLS / "preprocess_data.py"), "--input", str(src),
              "--output-prefix", str(prefix), "--tokenizer-type", "NullTokenizer", "--vocab-size", "1000",
-             "--append-eod", "--quiet"],
+             "--append-eod", "--quiet", "--workers", str(2 * parallel - 1), "--partitions", str(parallel)],
             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
         )  # fmt: skip
         deadline = time.time() + 60
@@ -242,8 +252,9 @@ def test_interrupted_run_leaves_no_valid_pair(tmp_path):
         proc.send_signal(sig)
         _, err = proc.communicate(timeout=60)
         assert not (out / "ds_text_document.idx").exists() and not (out / "ds_text_document.bin").exists()
-        if sig == signal.SIGINT:
-            assert proc.returncode == 130 and "interrupted" in err
+        if sig in (signal.SIGINT, signal.SIGTERM):
+            assert proc.returncode == 128 + sig and "interrupted" in err, err
+            assert "Traceback" not in err
             assert _files(out) == []  # temporaries cleaned up
         else:
             assert all(".tmp-" in f for f in _files(out))
@@ -262,3 +273,72 @@ def test_input_errors(tmp_path):
         "--tokenizer-type", "NullTokenizer", check=False,
     )  # fmt: skip
     assert proc.returncode == 2 and "--vocab-size" in proc.stderr
+
+
+@pytest.mark.parametrize("workers,partitions", [(1, 1), (2, 2)])
+def test_empty_documents_byte_identical_to_megatron_layout(tmp_path, workers, partitions):
+    """Empty documents anywhere (first, last, in a row, across a partition cut) give the document
+    boundaries Megatron's builder writes: add_document(ids, lengths=[]) repeats the boundary."""
+    texts = ["", "1 2", "", "", "3", "4 5 6", "", "7", ""] * 40
+    src = tmp_path / "e.jsonl"
+    src.write_text("".join(json.dumps({"text": t}) + "\n" for t in texts))
+    prefix = tmp_path / "o"
+    proc = run_tool(
+        "preprocess_data", "--input", src, "--output-prefix", prefix, "--tokenizer-type", "NullTokenizer",
+        "--vocab-size", "100", "--append-eod", "--workers", workers, "--partitions", partitions, "--quiet",
+    )  # fmt: skip
+    lengths, bounds = [], [0]
+    for t in texts:  # Megatron: ids + EOD for a non-empty document, nothing for an empty one
+        if t:
+            lengths.append(len(t.split()) + 1)
+        bounds.append(len(lengths))
+    assert Path(f"{prefix}_text_document.idx").read_bytes() == spec_expected_idx_bytes(
+        lengths, bounds, "uint16"
+    )
+    assert f"done: {len(texts)} documents" in proc.stdout and "recorded 200 empty documents" in proc.stdout
+
+
+def test_empty_result_is_an_error_unless_allowed(tmp_path):
+    src = tmp_path / "blank.jsonl"
+    src.write_text('\n{"text": "x"\n\n')  # a blank line, a bad line: no documents
+    prefix = tmp_path / "out" / "ds"
+    args = [
+        "--input",
+        src,
+        "--output-prefix",
+        prefix,
+        "--tokenizer-type",
+        "NullTokenizer",
+        "--vocab-size",
+        "10",
+    ]
+    proc = run_tool("preprocess_data", *args, check=False)
+    assert proc.returncode == 1 and "no documents" in proc.stderr and "--allow-empty" in proc.stderr
+    assert "Traceback" not in proc.stderr
+    assert _files(prefix.parent) == []
+    src.write_text('{"text": ""}\n')  # one document, no tokens
+    proc = run_tool("preprocess_data", *args, check=False)
+    assert proc.returncode == 1 and "are empty" in proc.stderr and _files(prefix.parent) == []
+    proc = run_tool("preprocess_data", *args, "--allow-empty")
+    ds = MMapIndexedDataset(f"{prefix}_text_document")
+    assert len(ds) == 0 and ds.document_indices.tolist() == [0, 0]
+
+
+def test_truncated_gzip_names_the_file(tmp_path):
+    src = tmp_path / "c.jsonl.gz"
+    with gzip.open(src, "wt") as f:
+        for i in range(3000):
+            f.write(json.dumps({"text": f"{i % 90} {i % 7}"}) + "\n")
+    data = src.read_bytes()
+    src.write_bytes(data[: len(data) // 2])
+    plain = write_jsonl(tmp_path / "plain.jsonl", [f"{i} 1" for i in range(2000)])
+    prefix = tmp_path / "out" / "ds"
+    for workers, partitions in ((1, 1), (2, 2)):
+        proc = run_tool(
+            "preprocess_data", "--input", plain, src, "--output-prefix", prefix, "--tokenizer-type",
+            "NullTokenizer", "--vocab-size", "100000", "--workers", workers, "--partitions", partitions,
+            "--quiet", check=False,
+        )  # fmt: skip
+        assert proc.returncode == 1, proc.stderr
+        assert f"{src}: truncated or corrupt gzip file" in proc.stderr and "Traceback" not in proc.stderr
+        assert _files(prefix.parent) == []

@@ -26,16 +26,13 @@ import tempfile
 import time
 
 import numpy as np
+import prepare_sample_corpus  # tools/ is on sys.path when this script runs
+import preprocess_data
+import train_tokenizer
+
+from megatron_cola.data import GPTDataset, MMapIndexedDataset
 
 REPO = os.path.abspath(os.path.join(os.path.dirname(__file__), os.pardir))
-sys.path.insert(0, REPO)
-sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-
-import prepare_sample_corpus  # noqa: E402
-import preprocess_data  # noqa: E402
-import train_tokenizer  # noqa: E402
-
-from megatron_cola.data import GPTDataset, MMapIndexedDataset  # noqa: E402
 
 
 def ensure_tokenizer(corpus: str, model: str | None) -> str:

@@ -17,9 +17,7 @@ import argparse
 import os
 import sys
 
-sys.path.insert(0, os.path.abspath(os.path.join(os.path.dirname(__file__), os.pardir)))
-
-from megatron_cola.data.indexed_dataset import (  # noqa: E402
+from megatron_cola.data.indexed_dataset import (
     IndexedDatasetError,
     MMapIndexedDataset,
     MMapIndexedDatasetBuilder,
@@ -28,12 +26,13 @@ from megatron_cola.data.indexed_dataset import (  # noqa: E402
     index_file_path,
     remove_dataset,
 )
+from megatron_cola.errors import DataError, MegatronColaError
 
 
 def prefixes_in_dir(directory: str) -> list[str]:
     """Sorted prefixes of the complete ``.bin/.idx`` pairs in ``directory``."""
     if not os.path.isdir(directory):
-        raise FileNotFoundError(f"--input-dir {directory!r}: not a directory")
+        raise DataError(f"--input-dir {directory!r}: not a directory")
     out = []
     for name in sorted(os.listdir(directory)):
         if name.endswith(".idx"):
@@ -41,22 +40,22 @@ def prefixes_in_dir(directory: str) -> list[str]:
             if os.path.isfile(data_file_path(prefix)):
                 out.append(prefix)
     if not out:
-        raise FileNotFoundError(f"--input-dir {directory!r}: no .bin/.idx pairs found")
+        raise DataError(f"--input-dir {directory!r}: no .bin/.idx pairs found")
     return out
 
 
 def merge(prefixes: list[str], output_prefix: str) -> MMapIndexedDataset:
     """Concatenate ``prefixes`` into ``output_prefix``; returns the merged dataset."""
     if not prefixes:
-        raise ValueError("nothing to merge")
+        raise DataError("nothing to merge")
     out_abs = os.path.abspath(output_prefix)
     if any(os.path.abspath(p) == out_abs for p in prefixes):
-        raise ValueError(f"output prefix {output_prefix!r} is also an input")
+        raise DataError(f"output prefix {output_prefix!r} is also an input")
     first = MMapIndexedDataset(prefixes[0])
     for p in prefixes[1:]:
         other = MMapIndexedDataset(p)
         if other.dtype != first.dtype:
-            raise ValueError(
+            raise IndexedDatasetError(
                 f"{index_file_path(p)} holds {other.dtype.name} tokens but "
                 f"{index_file_path(prefixes[0])} holds {first.dtype.name}; "
                 "datasets with different dtypes cannot be merged"
@@ -92,7 +91,7 @@ def main(argv: list[str] | None = None) -> int:
             args.input_dir, args.input = args.input[0], None  # Megatron's `--input DIR`
         prefixes = args.input if args.input else prefixes_in_dir(args.input_dir)
         ds = merge(prefixes, args.output_prefix)
-    except (OSError, ValueError, IndexedDatasetError) as exc:
+    except (MegatronColaError, OSError) as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 1
     print(

@@ -26,7 +26,6 @@ import math
 import os
 import re
 import sys
-import tempfile
 import warnings
 from collections.abc import Callable, Sequence
 from typing import Any

@@ -15,6 +15,7 @@ and ours load there. The reader validates the header and the file sizes up front
 
 from __future__ import annotations
 
+import hashlib
 import os
 import shutil
 import struct
@@ -28,6 +29,7 @@ from megatron_cola.errors import DataError
 
 __all__ = [
     "DTYPE_CODES",
+    "DatasetNotFoundError",
     "IndexedDatasetError",
     "MMapIndexedDataset",
     "MMapIndexedDatasetBuilder",
@@ -60,6 +62,10 @@ DTYPE_CODES: dict[int, type[np.generic]] = {
 class IndexedDatasetError(DataError):
     """An ``.idx``/``.bin`` pair that cannot be read: wrong magic, unknown version or dtype, sizes that
     disagree. The message names the offending file."""
+
+
+class DatasetNotFoundError(IndexedDatasetError, FileNotFoundError):
+    """The ``.idx`` or ``.bin`` of a dataset prefix does not exist."""
 
 
 def index_file_path(prefix: str) -> str:
@@ -120,17 +126,18 @@ class MMapIndexedDataset:
     (``ds[a:b]`` a list of them), ``ds.get(i, offset, length)`` a window of one sequence.
     """
 
-    def __init__(self, path_prefix: str) -> None:
+    def __init__(self, path_prefix: str, check_integrity: bool = True) -> None:
         self._path_prefix = path_prefix
-        self._open()
+        self._digest: str | None = None
+        self._open(check_integrity)
 
     # ------------------------------------------------------------------ opening and validation
-    def _open(self) -> None:
+    def _open(self, check: bool = True) -> None:
         idx_path = index_file_path(self._path_prefix)
         bin_path = data_file_path(self._path_prefix)
         for path in (idx_path, bin_path):
             if not os.path.isfile(path):
-                raise FileNotFoundError(f"{path}: no such file (dataset prefix {self._path_prefix!r})")
+                raise DatasetNotFoundError(f"{path}: no such file (dataset prefix {self._path_prefix!r})")
 
         idx_size = os.path.getsize(idx_path)
         with open(idx_path, "rb") as f:
@@ -196,24 +203,42 @@ class MMapIndexedDataset:
         else:  # np.memmap cannot map an empty file
             self._bin = np.empty(0, dtype=self._dtype)
         self._bin.flags.writeable = False
+        if check:
+            self.check_integrity()
 
     def check_integrity(self) -> None:
-        """Full O(N) consistency check of the index (pointers are the running byte offsets, document
-        indices are non-decreasing, lengths are non-negative). Raises :class:`IndexedDatasetError`."""
+        """Vectorised O(N) consistency check of the index, run when the dataset is opened: lengths are
+        non-negative, every pointer is the running byte offset of the lengths before it (so the last
+        sequence ends exactly at the ``.bin`` size, checked on open), document indices are non-decreasing
+        and within ``[0, N]``. Raises :class:`IndexedDatasetError` naming the file, the entry and the fix."""
         idx_path = index_file_path(self._path_prefix)
-        if len(self._lengths) and self._lengths.min() < 0:
-            raise IndexedDatasetError(f"{idx_path}: negative sequence length")
-        expected = np.zeros(len(self._lengths), dtype=np.int64)
-        np.cumsum(self._lengths[:-1], dtype=np.int64, out=expected[1:])
+        hint = "the .idx does not describe its .bin: re-run tools/preprocess_data.py for this dataset"
+        lengths = self._lengths
+        if len(lengths) and lengths.min() < 0:
+            i = int(np.flatnonzero(lengths < 0)[0])
+            raise IndexedDatasetError(f"{idx_path}: sequence {i} has negative length {lengths[i]}; {hint}")
+        expected = np.zeros(len(lengths), dtype=np.int64)
+        np.cumsum(lengths[:-1], dtype=np.int64, out=expected[1:])
         expected *= self._dtype.itemsize
         bad = np.flatnonzero(expected != self._pointers)
         if bad.size:
+            i = int(bad[0])
             raise IndexedDatasetError(
-                f"{idx_path}: sequence pointer {bad[0]} is {self._pointers[bad[0]]}, "
-                f"expected {expected[bad[0]]}"
+                f"{idx_path}: sequence pointer {i} is {self._pointers[i]}, but the lengths before it put "
+                f"sequence {i} at byte {expected[i]} (a length or pointer is corrupt); {hint}"
             )
-        if np.any(np.diff(self._doc_indices) < 0):
-            raise IndexedDatasetError(f"{idx_path}: document indices are not non-decreasing")
+        docs = self._doc_indices
+        steps = np.diff(docs)
+        if steps.size and steps.min() < 0:
+            d = int(np.flatnonzero(steps < 0)[0])
+            raise IndexedDatasetError(
+                f"{idx_path}: document indices decrease at document {d} ({docs[d]} -> {docs[d + 1]}); {hint}"
+            )
+        if docs.size and (docs.min() < 0 or docs.max() > len(lengths)):
+            raise IndexedDatasetError(
+                f"{idx_path}: document indices outside [0, {len(lengths)}] "
+                f"(min {docs.min()}, max {docs.max()}); {hint}"
+            )
 
     # ------------------------------------------------------------------ pickling (DataLoader workers)
     def __getstate__(self) -> str:
@@ -221,7 +246,8 @@ class MMapIndexedDataset:
 
     def __setstate__(self, state: str) -> None:
         self._path_prefix = state
-        self._open()
+        self._digest = None
+        self._open(check=False)  # checked when first opened; DataLoader workers need not repeat it
 
     # ------------------------------------------------------------------ access
     def __len__(self) -> int:
@@ -255,6 +281,13 @@ class MMapIndexedDataset:
     @property
     def path_prefix(self) -> str:
         return self._path_prefix
+
+    @property
+    def index_digest(self) -> str:
+        """md5 of the ``.idx`` bytes (computed once): the sequence lengths the sample indices depend on."""
+        if self._digest is None:
+            self._digest = hashlib.md5(memoryview(self._idx_mmap)).hexdigest()
+        return self._digest
 
     @property
     def dtype(self) -> np.dtype:
@@ -322,7 +355,7 @@ class MMapIndexedDatasetBuilder:
             if self._range is not None and arr.size and np.issubdtype(arr.dtype, np.integer):
                 lo, hi = int(arr.min()), int(arr.max())
                 if lo < self._range[0] or hi > self._range[1]:
-                    raise ValueError(
+                    raise DataError(
                         f"token ids in [{lo}, {hi}] do not fit the dataset dtype {self._dtype.name}; "
                         "use a wider dtype (vocab >= 65500 needs int32)"
                     )
@@ -349,8 +382,15 @@ class MMapIndexedDatasetBuilder:
         self._lengths.extend(lens)
         self._doc_indices.append(len(self._lengths))
 
-    def add_documents(self, tokens: npt.ArrayLike, lengths: npt.ArrayLike) -> None:
-        """Bulk append: ``lengths[k]`` tokens of ``tokens`` form document ``k`` (one sequence each)."""
+    def add_documents(
+        self, tokens: npt.ArrayLike, lengths: npt.ArrayLike, empty_as_no_sequence: bool = False
+    ) -> None:
+        """Bulk append: ``lengths[k]`` tokens of ``tokens`` form document ``k`` (one sequence each).
+
+        With ``empty_as_no_sequence`` a zero length is a document without any sequence (its boundary repeats
+        in the document index), which is what Megatron's ``add_document(ids, [])`` writes for a document that
+        tokenizes to nothing; otherwise it is a document holding one zero-length sequence.
+        """
         arr = self._as_dtype(tokens)
         lens = np.asarray(lengths, dtype=np.int32)
         if int(lens.sum(dtype=np.int64)) != arr.size:
@@ -358,15 +398,20 @@ class MMapIndexedDatasetBuilder:
         if arr.size:
             self._file.write(memoryview(arr).cast("B"))
         start = len(self._lengths)
+        if empty_as_no_sequence:
+            ends = start + np.cumsum(lens > 0, dtype=np.int64)
+            lens = lens[lens > 0]
+        else:
+            ends = np.arange(start + 1, start + 1 + lens.size, dtype=np.int64)
         self._lengths.frombytes(lens.tobytes())
-        self._doc_indices.frombytes(np.arange(start + 1, start + 1 + lens.size, dtype=np.int64).tobytes())
+        self._doc_indices.frombytes(ends.tobytes())
 
     def add_index(self, other_prefix: str) -> None:
         """Append a whole existing dataset (same dtype) after what was written so far, as Megatron's
         ``add_index`` does when merging."""
         other = MMapIndexedDataset(other_prefix)
         if other.dtype != self._dtype:
-            raise ValueError(
+            raise IndexedDatasetError(
                 f"{index_file_path(other_prefix)}: dtype {other.dtype.name} differs from the builder's "
                 f"{self._dtype.name}; datasets with different dtypes cannot be merged"
             )

@@ -1,0 +1,97 @@
+"""Progress bar and summary line of the preprocessing engine (:mod:`megatron_cola.data.preprocess`)."""
+
+from __future__ import annotations
+
+import sys
+import time
+from typing import Any
+
+import numpy as np
+
+__all__ = ["MAX_REPORTED_BAD_LINES", "Progress", "summarize"]
+
+MAX_REPORTED_BAD_LINES = 50
+
+
+class Progress:
+    """tqdm bar over input bytes with docs/s and tokens/s, plus bad-line reporting."""
+
+    def __init__(self, total_bytes: int, log_interval: int) -> None:
+        from tqdm import tqdm
+
+        self.bar = tqdm(
+            total=total_bytes,
+            unit="B",
+            unit_scale=True,
+            unit_divisor=1000,
+            desc="preprocess",
+            file=sys.stderr,
+            mininterval=0.5,
+            dynamic_ncols=True,
+        )
+        self.log_interval = max(1, log_interval)
+        self.t0 = time.perf_counter()
+        self.docs = 0
+        self.tokens = 0
+        self.bad = 0
+        self._next_log = self.log_interval
+
+    def update(self, docs: int, nbytes: int, tokens: int, bad: list[tuple[str, int, str]]) -> None:
+        for path, line, reason in bad:
+            self.bad += 1
+            if self.bad <= MAX_REPORTED_BAD_LINES:
+                self.bar.write(f"warning: {path}:{line}: {reason} (line skipped)", file=sys.stderr)
+            elif self.bad == MAX_REPORTED_BAD_LINES + 1:
+                self.bar.write(
+                    "warning: more bad lines; only the count is reported from now on", file=sys.stderr
+                )
+        self.docs += docs
+        self.tokens += tokens
+        if self.docs >= self._next_log:
+            self._next_log = self.docs + self.log_interval
+            dt = max(time.perf_counter() - self.t0, 1e-9)
+            self.bar.set_postfix_str(
+                f"{self.docs / dt:,.0f} docs/s, {self.tokens / dt:,.0f} tok/s", refresh=False
+            )
+        self.bar.update(nbytes)
+
+    def close(self) -> None:
+        self.bar.close()
+
+
+def summarize(
+    stats: Any, wall: float, workers: int, partitions: int, outputs: list[str], dtype: np.dtype
+) -> dict:
+    """The summary dict of a run (``stats`` is a ``preprocess.Stats``), after printing its one-line form."""
+    wall = max(wall, 1e-9)
+    summary = {
+        "documents": stats.docs,
+        "tokens": stats.tokens,
+        "input_bytes": stats.input_bytes,
+        "seconds": wall,
+        "docs_per_s": stats.docs / wall,
+        "mb_per_s": stats.input_bytes / 1e6 / wall,
+        "tokens_per_s": stats.tokens / wall,
+        "bad_lines": stats.bad,
+        "blank_lines": stats.blank,
+        "empty_documents": stats.empty,
+        "tokenize_seconds": stats.tokenize_seconds,
+        "workers": workers,
+        "partitions": partitions,
+        "outputs": outputs,
+        "dtype": dtype.name,
+    }
+    extra = ""
+    if workers <= 1 and partitions == 1:
+        summary["outside_tokenization_fraction"] = max(0.0, 1.0 - stats.tokenize_seconds / wall)
+        extra = f", {100 * summary['outside_tokenization_fraction']:.1f}% of the time outside tokenization"
+    empty = sum(stats.empty.values())
+    print(
+        f"done: {stats.docs} documents, {stats.tokens} tokens, {stats.input_bytes / 1e6:.2f} MB "
+        f"in {wall:.2f}s ({summary['docs_per_s']:,.0f} docs/s, {summary['mb_per_s']:.2f} MB/s, "
+        f"{summary['tokens_per_s']:,.0f} tokens/s{extra}); "
+        f"skipped {stats.bad} bad lines, recorded {empty} empty documents; "
+        f"wrote {', '.join(outputs)} ({dtype.name})",
+        flush=True,
+    )
+    return summary
