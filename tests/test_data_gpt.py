@@ -16,11 +16,14 @@ from megatron_cola.data import (
     BlendedDataset,
     GPTDataset,
     MMapIndexedDataset,
+    blend_sizes,
     build_train_valid_test_datasets,
+    check_token_ids,
     parse_data_path,
     parse_split,
     split_ranges,
 )
+from megatron_cola.errors import DataError
 
 from .test_data_common import REPO, spec_write_dataset
 
@@ -150,8 +153,8 @@ def test_blending_proportions_and_items(tmp_path):
     assert isinstance(train, BlendedDataset) and len(train) == n and len(valid) == 200
     achieved = np.bincount(train.dataset_index, minlength=3) / n
     assert np.all(np.abs(achieved - [0.2, 0.3, 0.5]) < 0.01), achieved
-    for k, w in enumerate([0.2, 0.3, 0.5]):
-        assert train.datasets[k].num_samples == int(np.ceil(w * n * 1.005))
+    # Megatron core: component k is built for ceil(ceil(w_k n) * 1.005) samples (worked by hand here)
+    assert [d.num_samples for d in train.datasets] == [1005, 1508, 2513]
     for i in range(0, n, 97):
         d, s = int(train.dataset_index[i]), int(train.dataset_sample_index[i])
         np.testing.assert_array_equal(train[i]["text"], train.datasets[d][s]["text"])
@@ -246,3 +249,152 @@ def test_unwritable_cache_falls_back_to_memory(prefix, tmp_path):
         ds = GPTDataset(prefix, (0, 200), 16, 50, seed=2, cache_dir=str(blocker / "cache"))
     ref = GPTDataset(prefix, (0, 200), 16, 50, seed=2, cache_dir=str(tmp_path / "ok"))
     assert all(np.array_equal(ds[i]["text"], ref[i]["text"]) for i in range(len(ds)))
+
+
+# Megatron-LM core's documented blend sizing, worked out by hand: per component ceil(w n) samples used
+# and ceil(ceil(w n) * 1.005) built; the blend is sum_k ceil(w_k n) long.
+BLEND_CASES = [
+    # weights, n, used per component, built per component
+    ([0.37, 0.63], 777, [288, 490], [290, 493]),  # 287.49 -> 288, 489.51 -> 490; 289.44 -> 290, 492.45 -> 493
+    ([1, 2], 398, [133, 266], [134, 268]),  # 132.67 -> 133, 265.33 -> 266; 133.665 -> 134, 267.33 -> 268
+    ([1, 3], 400, [100, 300], [101, 302]),  # divides n: 100.5 -> 101, 301.5 -> 302
+    ([3, 7], 1000, [300, 700], [302, 704]),  # divides n: 301.5 -> 302, 703.5 -> 704
+]
+
+
+def _greedy(weights: list[float], size: int) -> list[int]:
+    """Megatron's blending order restated: pick the dataset lagging w * max(i, 1) the most, ties low."""
+    taken = [0] * len(weights)
+    out = []
+    for i in range(size):
+        lag = [w * max(i, 1) - t for w, t in zip(weights, taken)]
+        d = lag.index(max(lag))
+        out.append(d)
+        taken[d] += 1
+    return out
+
+
+@pytest.mark.parametrize("weights,n,used,built", BLEND_CASES)
+def test_blend_sizes_match_megatron(weights, n, used, built):
+    total = sum(weights)
+    targets, requests, size = blend_sizes([w / total for w in weights], n)
+    assert targets == used and requests == built and size == sum(used)
+
+
+def test_blend_sizes_exact_on_random_cases():
+    """Against exact rational arithmetic, away from ties where float rounding could decide."""
+    from fractions import Fraction
+
+    rng = np.random.default_rng(0)
+    checked = 0
+    for _ in range(400):
+        raw = rng.integers(1, 50, int(rng.integers(2, 5))).tolist()
+        n = int(rng.integers(1, 100_000))
+        exact = [Fraction(r, sum(raw)) * n for r in raw]
+        if any(abs(float(e) - round(float(e))) < 1e-6 for e in exact):
+            continue
+        used = [-(-e.numerator // e.denominator) for e in exact]
+        built = [-(-(u * 1005) // 1000) for u in used]
+        if any(u * 1005 % 1000 == 0 for u in used):  # 1.005 * used is whole: float may land either side
+            continue
+        w = (np.asarray(raw, np.float64) / np.sum(raw)).tolist()
+        assert blend_sizes(w, n) == (used, built, sum(used)), (raw, n)
+        checked += 1
+    assert checked > 200
+
+
+@pytest.mark.parametrize("weights,n,used,built", BLEND_CASES[:2] + BLEND_CASES[3:])
+def test_blended_split_sizes_and_order_match_megatron(tmp_path, weights, n, used, built):
+    """The valid split of a two-prefix blend: its length, each component's size and the sample order."""
+    prefixes = [_make_prefix(tmp_path, f"b{k}", 60, seed=30 + k) for k in range(2)]
+    data_path = [str(weights[0]), prefixes[0], str(weights[1]), prefixes[1]]
+    _, valid, _ = build_train_valid_test_datasets(
+        data_path, "50,50,0", 16, (10, n, 0), seed=3, cache_dir=str(tmp_path / "c")
+    )
+    assert isinstance(valid, BlendedDataset) and len(valid) == sum(used)
+    assert [d.num_samples for d in valid.datasets] == built
+    total = sum(weights)
+    order = _greedy([w / total for w in weights], sum(used))
+    assert valid.dataset_index.tolist() == order
+    assert np.bincount(valid.dataset_index).tolist() == used
+    for i in range(0, len(valid), 37):
+        d, s = int(valid.dataset_index[i]), int(valid.dataset_sample_index[i])
+        assert s == order[:i].count(d)
+        np.testing.assert_array_equal(valid[i]["text"], valid.datasets[d][s]["text"])
+
+
+def test_stale_cache_is_rebuilt_with_a_message(tmp_path):
+    """Re-preprocessing to the same file sizes (same sequence count and tokens) must not reuse the cache."""
+    prefix = str(tmp_path / "s")
+    rng = np.random.default_rng(1)
+    seqs = [rng.integers(0, 500, 20).tolist() for _ in range(60)]
+    spec_write_dataset(prefix, seqs, list(range(61)), "uint16")
+    cache = str(tmp_path / "cache")
+    a = GPTDataset(prefix, (0, 60), 16, 100, seed=1, cache_dir=cache)
+    assert a.built_indices
+    sizes = (os.path.getsize(prefix + ".idx"), os.path.getsize(prefix + ".bin"))
+    flat = [t for s in seqs for t in s]
+    lengths = [5, 35] * 30  # same 1200 tokens in 60 sequences, other boundaries
+    new, pos = [], 0
+    for n in lengths:
+        new.append(flat[pos : pos + n])
+        pos += n
+    spec_write_dataset(prefix, new, list(range(61)), "uint16")
+    assert (os.path.getsize(prefix + ".idx"), os.path.getsize(prefix + ".bin")) == sizes
+    with pytest.warns(
+        UserWarning, match=r"train-description\.json is stale \(changed: index_md5.*rebuilding"
+    ):
+        b = GPTDataset(prefix, (0, 60), 16, 100, seed=1, cache_dir=cache)
+    assert b.built_indices and b.unique_hash == a.unique_hash
+    fresh = GPTDataset(prefix, (0, 60), 16, 100, seed=1, cache_dir=str(tmp_path / "fresh"))
+    np.testing.assert_array_equal(np.asarray(b.sample_index), np.asarray(fresh.sample_index))
+    assert not GPTDataset(prefix, (0, 60), 16, 100, seed=1, cache_dir=cache).built_indices
+    _check_windows(b)
+
+
+def test_bad_token_id_at_a_late_sample(tmp_path):
+    """Ids are bound-checked on every sample, against the tokenizer's vocabulary (not the padded one)."""
+    prefix = str(tmp_path / "t")
+    seqs = [[(7 * k + j) % 1000 for j in range(30)] for k in range(50)]
+    seqs[46][12] = 1005  # inside a padded vocabulary of 1024, outside the tokenizer's 1000
+    spec_write_dataset(prefix, seqs, [0, 10, 10, *range(11, 51)], "uint16")  # doc 1 empty, seq 46 = doc 38
+    ds = GPTDataset(prefix, (0, 50), 16, 80, seed=0, cache_dir=str(tmp_path / "c"), vocab_size=1000)
+    unchecked = GPTDataset(prefix, (0, 50), 16, 80, seed=0, cache_dir=str(tmp_path / "c"))
+    bad = [i for i in range(len(ds)) if 1005 in unchecked[i]["text"]]
+    assert bad and bad[0] > 0
+    for i in range(len(ds)):
+        if i in bad:
+            with pytest.raises(
+                DataError, match=r"t\.bin: token id 1005 in document 38 \(sequence 46, token 12"
+            ):
+                ds[i]
+        else:
+            np.testing.assert_array_equal(ds[i]["text"], unchecked[i]["text"])
+    # the same through the builder, and the per-batch check
+    train, _, _ = build_train_valid_test_datasets([prefix], "1", 16, (80, 0, 0), 0, str(tmp_path / "c"), 1000)
+    with pytest.raises(DataError, match="token id 1005"):
+        [train[i] for i in range(len(train))]
+    batch = np.stack([unchecked[i]["text"] for i in (0, bad[0])])
+    check_token_ids(batch[:1], 1000)
+    with pytest.raises(DataError, match=r"train data: token id 1005 \(micro-batch row 1, position \d+\)"):
+        check_token_ids(batch, 1000, source="train data")
+    with pytest.raises(DataError, match=r"token id -3"):
+        check_token_ids(np.array([[1, -3]]), 1000)
+
+
+def test_zero_length_and_empty_documents(tmp_path):
+    """Documents recorded without a sequence (Megatron's empty documents: repeated boundaries) and
+    zero-length sequences (other writers) are skipped by the sample index; samples stay contiguous."""
+    prefix = str(tmp_path / "z")
+    rng = np.random.default_rng(2)
+    seqs = [[] if k % 4 == 1 else rng.integers(0, 500, int(rng.integers(1, 30))).tolist() for k in range(80)]
+    seqs[0], seqs[79] = [], []  # first and last too
+    bounds = [0, 0, 1, 1, 1, *range(2, 81)]  # empty documents at the start and in a row
+    spec_write_dataset(prefix, seqs, bounds, "uint16")
+    reader = MMapIndexedDataset(prefix)
+    assert reader.document_indices.tolist() == bounds
+    for seq_length, num_samples in ((8, 500), (40, 30)):
+        ds = GPTDataset(reader, (0, 80), seq_length, num_samples, seed=4, cache_dir=str(tmp_path / "c"))
+        _check_windows(ds)
+    train, _, _ = build_train_valid_test_datasets([prefix], "1", 8, (100, 0, 0), 4, str(tmp_path / "c"), 500)
+    assert len(train) >= 100 and all(train[i]["text"].shape == (9,) for i in range(len(train)))

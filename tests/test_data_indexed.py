@@ -208,3 +208,54 @@ def test_bad_document_indices(good_prefix):
     _patch(good_prefix + ".idx", last_doc_entry, struct.pack("<q", 5))
     with pytest.raises(IndexedDatasetError, match=r"good\.idx.*document indices"):
         MMapIndexedDataset(good_prefix)
+
+
+def _corpus(tmp_path) -> str:
+    os.makedirs(tmp_path, exist_ok=True)
+    prefix = str(tmp_path / "c")
+    seqs = [[k % 50] * (k % 7 + 1) for k in range(40)]
+    spec_write_dataset(prefix, seqs, [0, 5, 5, 20, 40], "uint16")
+    return prefix
+
+
+def test_corrupt_length_is_caught_on_open(tmp_path):
+    """A length raised by 3000 (the .bin size check cannot see it) used to train silently on the
+    neighbouring documents; the vectorised check on open names the file and the entry."""
+    prefix = _corpus(tmp_path)
+    lengths = MMapIndexedDataset(prefix).sequence_lengths.tolist()
+    lengths[10] += 3000
+    lengths[11] -= 3000  # negative: the sum, and so the .bin size check, still agrees
+    _patch(prefix + ".idx", 34 + 10 * 4, struct.pack("<2i", lengths[10], lengths[11]))
+    with pytest.raises(IndexedDatasetError, match=r"c\.idx: sequence 11 has negative length"):
+        MMapIndexedDataset(prefix)
+    prefix = _corpus(tmp_path / "b")
+    _patch(prefix + ".idx", 34 + 10 * 4, struct.pack("<i", lengths[10]))  # +3000, pointers unchanged
+    with pytest.raises(IndexedDatasetError, match=r"c\.idx: sequence pointer 11 .* re-run tools/preprocess"):
+        MMapIndexedDataset(prefix)
+    # lengths and .bin consistent, a pointer off: still caught
+    prefix = _corpus(tmp_path / "p")
+    _patch(prefix + ".idx", 34 + 40 * 4 + 7 * 8, struct.pack("<q", 2))
+    with pytest.raises(IndexedDatasetError, match=r"c\.idx: sequence pointer 7 is 2"):
+        MMapIndexedDataset(prefix)
+
+
+def test_document_indices_checked_on_open(tmp_path):
+    doc_off = 34 + 40 * 4 + 40 * 8
+    prefix = _corpus(tmp_path)
+    _patch(prefix + ".idx", doc_off + 2 * 8, struct.pack("<q", 3))  # 0, 5, 3, 20, 40: decreasing
+    with pytest.raises(IndexedDatasetError, match=r"c\.idx: document indices decrease at document 1"):
+        MMapIndexedDataset(prefix)
+    prefix = _corpus(tmp_path / "r")
+    _patch(prefix + ".idx", doc_off + 1 * 8, struct.pack("<q", -1))
+    with pytest.raises(IndexedDatasetError, match=r"c\.idx: document indices"):
+        MMapIndexedDataset(prefix)
+
+
+def test_empty_documents_in_builder_match_megatron(tmp_path):
+    """add_documents(..., empty_as_no_sequence=True) = Megatron's add_document(ids, []) per empty document."""
+    b = MMapIndexedDatasetBuilder(str(tmp_path / "e.bin"), np.uint16)
+    b.add_documents(np.array([1, 2, 3, 4], np.uint16), [0, 2, 0, 0, 2, 0], empty_as_no_sequence=True)
+    b.finalize(str(tmp_path / "e.idx"))
+    assert (tmp_path / "e.idx").read_bytes() == spec_expected_idx_bytes(
+        [2, 2], [0, 0, 1, 1, 1, 2, 2], "uint16"
+    )
