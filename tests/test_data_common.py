@@ -3,16 +3,13 @@ independent struct-based MMIDIDX writer/parser written from the DESIGN.md spec, 
 
 from __future__ import annotations
 
-import importlib.util
 import json
 import os
 import random
 import struct
 import subprocess
 import sys
-from functools import cache
 from pathlib import Path
-from types import ModuleType
 
 REPO = Path(__file__).resolve().parents[1]
 TOOLS = REPO / "tools"
@@ -37,16 +34,6 @@ WORDS = (
     "said what up its about into than them can only other new some could time these two may then do first "
     "crème brûlée naïve façade 東京 北京 Привет мир ελληνικά 🙂 42 1999 3.14 -- ; : ! ?"
 ).split()
-
-
-@cache
-def load_tool(name: str) -> ModuleType:
-    """Import ``tools/{name}.py`` as a module."""
-    spec = importlib.util.spec_from_file_location(f"tool_{name}", TOOLS / f"{name}.py")
-    assert spec is not None and spec.loader is not None
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
 
 
 def run_tool(name: str, *args: str, check: bool = True, timeout: float = 120) -> subprocess.CompletedProcess:
@@ -87,11 +74,12 @@ def write_jsonl(path: Path | str, docs: list[str], key: str = "text") -> Path:
 
 
 def train_tiny_spm(directory: Path | str, vocab_size: int = 400, seed: int = 1) -> str:
-    """A small byte-fallback BPE SentencePiece model trained with tools/train_tokenizer.py (in-process)."""
+    """A small byte-fallback BPE SentencePiece model, trained in-process by the train_tokenizer engine."""
     directory = Path(directory)
     corpus = write_jsonl(directory / "spm_corpus.jsonl", make_docs(300, seed=seed))
-    tool = load_tool("train_tokenizer")
-    return tool.train([str(corpus)], str(directory / "tiny"), vocab_size, num_threads=1)
+    from megatron_cola.data.tokenizer_training import train_tokenizer
+
+    return train_tokenizer([str(corpus)], str(directory / "tiny"), vocab_size, num_threads=1)
 
 
 def spec_write_dataset(prefix: str, seqs: list[list[int]], doc_starts: list[int], dtype: str) -> None:

@@ -7,7 +7,9 @@ import json
 import os
 import tarfile
 
-from .test_data_common import load_tool, run_tool
+from megatron_cola.data import sample_corpus
+
+from .test_data_common import run_tool
 
 PLAY = """THE TRAGEDY OF EXAMPLE
 
@@ -52,11 +54,10 @@ def _speech(tag: str, n: int) -> str:
 
 
 def test_split_documents_and_boilerplate():
-    tool = load_tool("prepare_sample_corpus")
     play = PLAY.format(scene1=_speech("a", 20), scene2=_speech("b", 2), scene3=_speech("c", 800))
-    text = tool.strip_boilerplate(GUTENBERG.format(body=play))
+    text = sample_corpus.strip_boilerplate(GUTENBERG.format(body=play))
     assert "Gutenberg" not in text and "Licence" not in text and text.startswith("THE TRAGEDY")
-    docs = tool.split_documents(text, min_chars=300, max_chars=20000)
+    docs = sample_corpus.split_documents(text, min_chars=300, max_chars=20000)
     assert docs[0].startswith("THE TRAGEDY")  # front matter + ACT I heading merged into scene I
     assert "Scene I. A castle." in docs[0]
     # scene II is short: merged into the next piece rather than a tiny document
@@ -67,7 +68,7 @@ def test_split_documents_and_boilerplate():
     sonnets = "\n\n".join(
         f"{r}\n\nLine one of the sonnet {r},\nline two, and so on." * 1 for r in ["I", "II", "III"]
     )
-    assert len(tool.split_documents(sonnets, min_chars=10)) == 3
+    assert len(sample_corpus.split_documents(sonnets, min_chars=10)) == 3
 
 
 def _fake_sdist(path, texts: dict[str, str]) -> None:

@@ -26,11 +26,11 @@ import tempfile
 import time
 
 import numpy as np
-import prepare_sample_corpus  # tools/ is on sys.path when this script runs
-import preprocess_data
-import train_tokenizer
+import preprocess_data  # tools/preprocess_data.py: the benchmark runs its command line in-process
 
 from megatron_cola.data import GPTDataset, MMapIndexedDataset
+from megatron_cola.data.sample_corpus import prepare as prepare_sample_corpus
+from megatron_cola.data.tokenizer_training import train_tokenizer
 
 REPO = os.path.abspath(os.path.join(os.path.dirname(__file__), os.pardir))
 
@@ -45,10 +45,10 @@ def ensure_tokenizer(corpus: str, model: str | None) -> str:
     prefix = os.path.join(REPO, "data", "tokenizer", "sample_32k")
     try:
         print("training data/tokenizer/sample_32k.model ...", flush=True)
-        return train_tokenizer.train([corpus], prefix, 32000)
+        return train_tokenizer([corpus], prefix, 32000)
     except RuntimeError as exc:
         print(f"32k vocabulary failed ({exc}); training an 8k one", flush=True)
-        return train_tokenizer.train([corpus], os.path.join(REPO, "data", "tokenizer", "sample_8k"), 8000)
+        return train_tokenizer([corpus], os.path.join(REPO, "data", "tokenizer", "sample_8k"), 8000)
 
 
 def bench_preprocess(corpus: str, model: str, workers: int, repeats: int, out_dir: str) -> dict:
@@ -109,7 +109,7 @@ def main(argv: list[str] | None = None) -> int:
         default = os.path.join(REPO, "data", "sample", "train.jsonl")
         if os.path.abspath(args.corpus) != default:
             p.error(f"--corpus {args.corpus} not found")
-        prepare_sample_corpus.prepare(os.path.dirname(default))
+        prepare_sample_corpus(os.path.dirname(default))
     model = ensure_tokenizer(args.corpus, args.tokenizer_model)
 
     results: dict = {"corpus": args.corpus, "tokenizer": model, "cpus": os.cpu_count(), "preprocess": {}}
