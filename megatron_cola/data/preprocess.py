@@ -43,7 +43,7 @@ from megatron_cola.data.preprocess_input import (
     parse_line,
     plan_partitions,
 )
-from megatron_cola.data.preprocess_report import Progress, summarize
+from megatron_cola.data.preprocess_report import Progress, Stats, summarize
 from megatron_cola.data.tokenizers import AbstractTokenizer, build_tokenizer
 from megatron_cola.errors import DataError, MegatronColaError
 
@@ -216,44 +216,6 @@ def _ordered_results(
 
 
 # ---------------------------------------------------------------------------------------------- one partition
-@dataclass
-class Stats:
-    """Counts over the chunks of a partition (or of the whole run)."""
-
-    docs: int = 0
-    input_bytes: int = 0
-    tokens: int = 0
-    blank: int = 0
-    bad: int = 0
-    empty: dict[str, int] = field(default_factory=dict)
-    tokens_per_key: dict[str, int] = field(default_factory=dict)
-    tokenize_seconds: float = 0.0
-
-    def add(self, r: ChunkResult) -> None:
-        self.docs += r.docs
-        self.input_bytes += r.input_bytes
-        self.tokens += r.num_tokens
-        self.blank += r.blank
-        self.bad += len(r.bad)
-        for k, v in r.empty.items():
-            self.empty[k] = self.empty.get(k, 0) + v
-        for k, t in r.tokens.items():
-            self.tokens_per_key[k] = self.tokens_per_key.get(k, 0) + int(t.size)
-        self.tokenize_seconds += r.tokenize_seconds
-
-    def merge(self, other: Stats) -> None:
-        self.docs += other.docs
-        self.input_bytes += other.input_bytes
-        self.tokens += other.tokens
-        self.blank += other.blank
-        self.bad += other.bad
-        for k, v in other.empty.items():
-            self.empty[k] = self.empty.get(k, 0) + v
-        for k, v in other.tokens_per_key.items():
-            self.tokens_per_key[k] = self.tokens_per_key.get(k, 0) + v
-        self.tokenize_seconds += other.tokenize_seconds
-
-
 def run_partition(
     units: list[WorkUnit],
     out_prefixes: dict[str, str],
