@@ -342,7 +342,7 @@ def test_stale_cache_is_rebuilt_with_a_message(tmp_path):
     spec_write_dataset(prefix, new, list(range(61)), "uint16")
     assert (os.path.getsize(prefix + ".idx"), os.path.getsize(prefix + ".bin")) == sizes
     with pytest.warns(
-        UserWarning, match=r"train-description\.json is stale \(changed: index_md5.*rebuilding"
+        UserWarning, match=r"train-description\.json is stale \(changed: index_sha1.*rebuilding"
     ):
         b = GPTDataset(prefix, (0, 60), 16, 100, seed=1, cache_dir=cache)
     assert b.built_indices and b.unique_hash == a.unique_hash
@@ -380,6 +380,11 @@ def test_bad_token_id_at_a_late_sample(tmp_path):
         check_token_ids(batch, 1000, source="train data")
     with pytest.raises(DataError, match=r"token id -3"):
         check_token_ids(np.array([[1, -3]]), 1000)
+    import torch
+
+    check_token_ids(torch.from_numpy(batch[:1]), 1000)
+    with pytest.raises(DataError, match=r"token id 1005 \(micro-batch row 1"):
+        check_token_ids(torch.from_numpy(batch), 1000)
 
 
 def test_zero_length_and_empty_documents(tmp_path):

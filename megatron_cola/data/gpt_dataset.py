@@ -10,12 +10,12 @@ fixed-length samples of ``seq_length + 1`` tokens (inputs and shifted labels sha
 * shuffle index: a seeded permutation of the samples (the separate last epoch again shuffled apart).
 
 The three arrays are cached as ``.npy`` files under ``cache_dir`` (default ``<prefix dir>/index-cache``),
-named by an md5 of everything that defines them, written atomically; in a ``torch.distributed`` run rank 0
-builds them and the other ranks wait at a barrier and load them.
+named by an md5 of the configuration and checked against a digest of the ``.idx`` content
+(:mod:`megatron_cola.data.index_cache`); in a ``torch.distributed`` run rank 0 builds them and the other
+ranks wait at a barrier and load them. With ``vocab_size`` every sample's token ids are bound-checked.
 
-:class:`BlendedDataset` interleaves datasets by weight with :func:`helpers.build_blending_indices`, and
-:func:`build_train_valid_test_datasets` builds the three splits from Megatron-style ``--data-path`` and
-``--split`` arguments.
+Blending is in :mod:`megatron_cola.data.blended_dataset`, the train/valid/test builder in
+:mod:`megatron_cola.data.builder`.
 """
 
 from __future__ import annotations
@@ -155,7 +155,7 @@ class GPTDataset:
         self.unique_hash = hashlib.md5(config.encode("utf-8")).hexdigest()
         # The cache file names follow the configuration; the description also pins the .idx content, so
         # an entry left by an earlier version of the same dataset is detected as stale and rebuilt.
-        content = {"index_md5": indexed_dataset.index_digest, **json.loads(config)}
+        content = {"index_sha1": indexed_dataset.index_digest, **json.loads(config)}
         self.description = json.dumps(content, indent=2, sort_keys=True)
         arrays, self.built_indices = load_or_build_indices(
             self.cache_dir,

@@ -284,9 +284,10 @@ class MMapIndexedDataset:
 
     @property
     def index_digest(self) -> str:
-        """md5 of the ``.idx`` bytes (computed once): the sequence lengths the sample indices depend on."""
+        """SHA-1 of the ``.idx`` bytes (computed once; about 1 GB/s): identifies the sequence lengths the
+        sample indices are built from."""
         if self._digest is None:
-            self._digest = hashlib.md5(memoryview(self._idx_mmap)).hexdigest()
+            self._digest = hashlib.sha1(memoryview(self._idx_mmap)).hexdigest()
         return self._digest
 
     @property
