@@ -273,6 +273,17 @@ def test_input_errors(tmp_path):
         "--tokenizer-type", "NullTokenizer", check=False,
     )  # fmt: skip
     assert proc.returncode == 2 and "--vocab-size" in proc.stderr
+    src = write_jsonl(tmp_path / "ok.jsonl", ["1 2"])
+    (tmp_path / "afile").write_text("")
+    for tool, args in (
+        ("preprocess_data", ["--input", src, "--tokenizer-type", "NullTokenizer", "--vocab-size", "10"]),
+        ("train_tokenizer", ["--input", src, "--vocab-size", "5000"]),
+    ):
+        flag = "--output-prefix" if tool == "preprocess_data" else "--model-prefix"
+        proc = run_tool(tool, *args, flag, tmp_path / "afile" / "o", check=False)
+        assert proc.returncode == 1 and "error: " in proc.stderr and "Traceback" not in proc.stderr, (
+            proc.stderr
+        )
 
 
 @pytest.mark.parametrize("workers,partitions", [(1, 1), (2, 2)])

@@ -17,62 +17,10 @@ import argparse
 import os
 import sys
 
-from megatron_cola.data.indexed_dataset import (
-    IndexedDatasetError,
-    MMapIndexedDataset,
-    MMapIndexedDatasetBuilder,
-    commit_dataset,
-    data_file_path,
-    index_file_path,
-    remove_dataset,
-)
-from megatron_cola.errors import DataError, MegatronColaError
+from megatron_cola.data.merge import merge, prefixes_in_dir
+from megatron_cola.errors import MegatronColaError
 
-
-def prefixes_in_dir(directory: str) -> list[str]:
-    """Sorted prefixes of the complete ``.bin/.idx`` pairs in ``directory``."""
-    if not os.path.isdir(directory):
-        raise DataError(f"--input-dir {directory!r}: not a directory")
-    out = []
-    for name in sorted(os.listdir(directory)):
-        if name.endswith(".idx"):
-            prefix = os.path.join(directory, name[: -len(".idx")])
-            if os.path.isfile(data_file_path(prefix)):
-                out.append(prefix)
-    if not out:
-        raise DataError(f"--input-dir {directory!r}: no .bin/.idx pairs found")
-    return out
-
-
-def merge(prefixes: list[str], output_prefix: str) -> MMapIndexedDataset:
-    """Concatenate ``prefixes`` into ``output_prefix``; returns the merged dataset."""
-    if not prefixes:
-        raise DataError("nothing to merge")
-    out_abs = os.path.abspath(output_prefix)
-    if any(os.path.abspath(p) == out_abs for p in prefixes):
-        raise DataError(f"output prefix {output_prefix!r} is also an input")
-    first = MMapIndexedDataset(prefixes[0])
-    for p in prefixes[1:]:
-        other = MMapIndexedDataset(p)
-        if other.dtype != first.dtype:
-            raise IndexedDatasetError(
-                f"{index_file_path(p)} holds {other.dtype.name} tokens but "
-                f"{index_file_path(prefixes[0])} holds {first.dtype.name}; "
-                "datasets with different dtypes cannot be merged"
-            )
-    os.makedirs(os.path.dirname(out_abs), exist_ok=True)
-    tmp = f"{output_prefix}.tmp-{os.getpid()}"
-    builder = MMapIndexedDatasetBuilder(data_file_path(tmp), first.dtype)
-    try:
-        for p in prefixes:
-            builder.add_index(p)
-        builder.finalize(index_file_path(tmp))
-        commit_dataset(tmp, output_prefix)
-    except BaseException:
-        builder.abort()
-        remove_dataset(tmp)
-        raise
-    return MMapIndexedDataset(output_prefix)
+__all__ = ["main", "merge", "prefixes_in_dir"]
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -91,7 +39,7 @@ def main(argv: list[str] | None = None) -> int:
             args.input_dir, args.input = args.input[0], None  # Megatron's `--input DIR`
         prefixes = args.input if args.input else prefixes_in_dir(args.input_dir)
         ds = merge(prefixes, args.output_prefix)
-    except (MegatronColaError, OSError) as exc:
+    except MegatronColaError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 1
     print(

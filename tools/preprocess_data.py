@@ -119,7 +119,7 @@ def main(argv: list[str] | None = None) -> int:
     except StrictError as exc:
         print(f"error: {exc} (--strict: stopping; nothing was written)", file=sys.stderr)
         return 1
-    except (MegatronColaError, OSError) as exc:
+    except MegatronColaError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 1
     except KeyboardInterrupt as exc:

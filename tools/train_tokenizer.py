@@ -59,7 +59,7 @@ def main(argv: list[str] | None = None) -> int:
             num_threads=args.num_threads,
             normalization_rule_name=args.normalization_rule_name,
         )
-    except (MegatronColaError, RuntimeError) as exc:  # RuntimeError: SentencePiece refuses the settings
+    except MegatronColaError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 1
     print(f"wrote {path} (vocab {args.vocab_size}, {args.model_type})")

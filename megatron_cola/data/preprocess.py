@@ -250,6 +250,10 @@ def run_partition(
     return stats
 
 
+class _Stopped(Exception):
+    """The parent asked a partition process to stop (another partition failed, or the run was interrupted)."""
+
+
 def _partition_process(
     k: int,
     units: list[WorkUnit],
@@ -258,24 +262,44 @@ def _partition_process(
     init_args: tuple,
     strict: bool,
     queue,
+    stop,
 ) -> None:
+    # SIGTERM kills a partition outright (its parent removes the files); a clean stop goes through `stop`,
+    # checked after every chunk, so the worker pool is always shut down properly.
+    signal.signal(signal.SIGTERM, signal.SIG_DFL)
+
     def on_result(r: ChunkResult) -> None:
         queue.put(("progress", k, r.docs, r.input_bytes, r.num_tokens, r.bad))
+        if stop.is_set():
+            raise _Stopped
 
-    # The parent stops a partition with SIGTERM: clean up (pool, temporaries) while working, then die quietly.
-    signal.signal(signal.SIGTERM, _raise_terminated)
     try:
         stats = run_partition(units, out_prefixes, workers, init_args, strict, on_result)
-    except MegatronColaError as exc:
-        signal.signal(signal.SIGTERM, signal.SIG_DFL)
-        queue.put(("fatal", k, str(exc), type(exc) is StrictError, True))
+    except (MegatronColaError, OSError) as exc:  # the user's input, files or disk
+        text = f"{exc.filename}: {exc.strerror}" if isinstance(exc, OSError) and exc.filename else str(exc)
+        queue.put(("fatal", k, text, type(exc) is StrictError, True))
         sys.exit(1)
     except BaseException as exc:  # noqa: BLE001 - report anything to the parent
-        signal.signal(signal.SIGTERM, signal.SIG_DFL)
         queue.put(("fatal", k, f"partition {k} failed: {type(exc).__name__}: {exc}", False, False))
         sys.exit(1)
-    signal.signal(signal.SIGTERM, signal.SIG_DFL)
     queue.put(("done", k, stats))
+
+
+def _stop_partitions(procs: list, queue, stop, grace: float = 30.0) -> None:
+    """Ask the partitions still running to stop and wait for them, draining the queue meanwhile (a child
+    cannot exit before its queued messages are read); after ``grace`` seconds the stragglers are killed."""
+    stop.set()
+    deadline = time.monotonic() + grace
+    while any(p.is_alive() for p in procs) and time.monotonic() < deadline:
+        try:
+            queue.get(timeout=0.1)
+        except queue_module.Empty:
+            pass
+    for p in procs:
+        if p.is_alive():
+            p.terminate()
+    for p in procs:
+        p.join()
 
 
 def _run_partitions(
@@ -289,10 +313,10 @@ def _run_partitions(
     """Run each partition in its own process; progress comes back through a queue."""
     stats = Stats()
     ctx = multiprocessing.get_context()
-    queue = ctx.Queue()
+    queue, stop = ctx.Queue(), ctx.Event()
     procs = [
         ctx.Process(
-            target=_partition_process, args=(k, units, part_prefixes[k], workers, init_args, strict, queue)
+            target=_partition_process, args=(k, units, part_prefixes[k], workers, init_args, strict, queue, stop)
         )
         for k, units in enumerate(plan)
     ]
@@ -306,9 +330,7 @@ def _run_partitions(
             except queue_module.Empty:
                 dead = [k for k, p in enumerate(procs) if p.exitcode not in (None, 0)]
                 if dead:
-                    raise RuntimeError(
-                        f"partition {dead[0]} died (exit code {procs[dead[0]].exitcode})"
-                    ) from None
+                    raise RuntimeError(f"partition {dead[0]} died (exit code {procs[dead[0]].exitcode})") from None
                 continue
             if msg[0] == "progress":
                 report(*msg[2:])
@@ -321,9 +343,8 @@ def _run_partitions(
                     raise StrictError(text)
                 raise DataError(text) if user_error else RuntimeError(text)
     finally:
-        for p in procs:
-            if p.is_alive() and remaining:
-                p.terminate()
+        if remaining:
+            _stop_partitions(procs, queue, stop)
         for p in procs:
             p.join()
     return stats
@@ -366,9 +387,18 @@ def output_prefixes(output_prefix: str, keys: tuple[str, ...] | list[str]) -> di
 def preprocess(config: PreprocessConfig) -> dict:
     """Tokenize ``config.input`` into one dataset per JSON key; returns the summary (also printed).
 
-    Raises :class:`DataError` (bad input, empty result, :class:`StrictError` under ``strict``), ``OSError``
-    or ``KeyboardInterrupt``; in every case the temporary outputs are removed and nothing is published.
+    Raises :class:`DataError` (bad or unreadable input, outputs that cannot be written, an empty result,
+    :class:`StrictError` under ``strict``) or ``KeyboardInterrupt``; in every case the temporary outputs are
+    removed and nothing is published.
     """
+    try:
+        return _preprocess(config)
+    except OSError as exc:  # unreadable input, unwritable output, disk full: name the file
+        where = exc.filename or config.output_prefix
+        raise DataError(f"{where}: {exc.strerror or exc}; nothing was written") from exc
+
+
+def _preprocess(config: PreprocessConfig) -> dict:
     files = expand_inputs(list(config.input))
     tokenizer_args = (config.tokenizer_type, config.tokenizer_model, config.vocab_size)
     tokenizer = build_tokenizer(*tokenizer_args)

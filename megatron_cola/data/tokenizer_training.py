@@ -16,6 +16,7 @@ import json
 import os
 from collections.abc import Iterator
 
+from megatron_cola.atomic_io import atomic_open
 from megatron_cola.errors import DataError
 
 __all__ = ["iter_sentences", "train_tokenizer"]
@@ -59,40 +60,46 @@ def train_tokenizer(
         if not os.path.isfile(path):
             raise DataError(f"--input {path!r}: no such file")
     out_dir = os.path.dirname(os.path.abspath(model_prefix))
-    os.makedirs(out_dir, exist_ok=True)
+    try:
+        os.makedirs(out_dir, exist_ok=True)
+    except OSError as exc:
+        raise DataError(f"--model-prefix {model_prefix!r}: cannot create {out_dir} ({exc.strerror})") from exc
     model = io.BytesIO()
-    spm.SentencePieceTrainer.train(
-        sentence_iterator=iter_sentences(inputs, json_key),
-        model_writer=model,
-        vocab_size=vocab_size,
-        model_type=model_type,
-        byte_fallback=byte_fallback,
-        character_coverage=character_coverage,
-        hard_vocab_limit=hard_vocab_limit,
-        input_sentence_size=input_sentence_size,
-        shuffle_input_sentence=True,
-        max_sentence_length=max_sentence_length,
-        num_threads=num_threads or os.cpu_count() or 1,
-        normalization_rule_name=normalization_rule_name,
-        remove_extra_whitespaces=False,
-        split_digits=True,
-        allow_whitespace_only_pieces=True,
-        unk_id=0,
-        bos_id=1,
-        eos_id=2,
-        pad_id=-1,
-        minloglevel=2,
-    )
+    try:
+        spm.SentencePieceTrainer.train(
+            sentence_iterator=iter_sentences(inputs, json_key),
+            model_writer=model,
+            vocab_size=vocab_size,
+            model_type=model_type,
+            byte_fallback=byte_fallback,
+            character_coverage=character_coverage,
+            hard_vocab_limit=hard_vocab_limit,
+            input_sentence_size=input_sentence_size,
+            shuffle_input_sentence=True,
+            max_sentence_length=max_sentence_length,
+            num_threads=num_threads or os.cpu_count() or 1,
+            normalization_rule_name=normalization_rule_name,
+            remove_extra_whitespaces=False,
+            split_digits=True,
+            allow_whitespace_only_pieces=True,
+            unk_id=0,
+            bos_id=1,
+            eos_id=2,
+            pad_id=-1,
+            minloglevel=2,
+        )
+    except RuntimeError as exc:  # e.g. a vocabulary the corpus cannot fill
+        raise DataError(f"SentencePiece could not train on {', '.join(inputs)}: {exc}") from exc
     data = model.getvalue()
     sp = spm.SentencePieceProcessor(model_proto=data)
     vocab_lines = [f"{sp.id_to_piece(i)}\t{sp.get_score(i)}\n" for i in range(sp.get_piece_size())]
 
-    pid = os.getpid()
     model_path, vocab_path = model_prefix + ".model", model_prefix + ".vocab"
-    with open(f"{model_path}.tmp-{pid}", "wb") as f:
-        f.write(data)
-    with open(f"{vocab_path}.tmp-{pid}", "w", encoding="utf-8") as f:
-        f.writelines(vocab_lines)
-    os.replace(f"{vocab_path}.tmp-{pid}", vocab_path)
-    os.replace(f"{model_path}.tmp-{pid}", model_path)
+    try:  # temporary name beside each file, renamed when complete; the .model (what readers look for) last
+        with atomic_open(vocab_path, "w") as f:
+            f.writelines(vocab_lines)
+        with atomic_open(model_path, "wb") as f:
+            f.write(data)
+    except OSError as exc:
+        raise DataError(f"--model-prefix {model_prefix!r}: cannot write {exc.filename} ({exc.strerror})") from exc
     return model_path
