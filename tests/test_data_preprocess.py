@@ -233,11 +233,11 @@ def test_interrupted_run_leaves_no_valid_pair(tmp_path):
     out = tmp_path / "out"
     prefix = out / "ds"
     runs = [(signal.SIGKILL, 1), (signal.SIGINT, 1), (signal.SIGTERM, 1), (signal.SIGTERM, 2)]
-    for sig, parallel in runs:  # parallel=2: two workers in each of two partition processes
+    for sig, parallel in runs:  # parallel=2: a pool of two workers in each of two partition processes
         proc = subprocess.Popen(
             [sys.executable, str(TOOLS / "preprocess_data.py"), "--input", str(src),
              "--output-prefix", str(prefix), "--tokenizer-type", "NullTokenizer", "--vocab-size", "1000",
-             "--append-eod", "--quiet", "--workers", str(2 * parallel - 1), "--partitions", str(parallel)],
+             "--append-eod", "--quiet", "--workers", str(parallel * parallel), "--partitions", str(parallel)],
             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
         )  # fmt: skip
         deadline = time.time() + 60
