@@ -19,9 +19,11 @@ import torch.nn.functional as F
 
 from megatron_cola.config import ModelArgs
 from megatron_cola.convert import ConversionError, export_checkpoint, import_hf_folder, load_hf_folder
+from megatron_cola.convert.export import build_hf_model
 from megatron_cola.convert.modeling_cola import ColaForCausalLM
 from megatron_cola.errors import CheckpointError
 from megatron_cola.model import CoLALlama, build_model
+from megatron_cola.model.layers import apply_rope, rope_cos_sin
 from megatron_cola.training.model_files import load_full_state_dict
 
 VOCAB = 96
@@ -136,9 +138,10 @@ def colam_reference_logits(
     """The CoLA-M forward as the authors' model runs it, read from their tensor names: the down B of
     layer i is applied at the start of layer i+1 (and by the last layer's ``post_mlp``)."""
     s = ACTS[act]
-    eps, hd, n = args.norm_eps, args.head_dim, args.num_layers
-    norm = lambda x, w: F.rms_norm(x, (x.shape[-1],), w, eps)  # noqa: E731
-    from megatron_cola.model.layers import apply_rope, rope_cos_sin
+    hd, n = args.head_dim, args.num_layers
+
+    def norm(x: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
+        return F.rms_norm(x, (x.shape[-1],), w, args.norm_eps)
 
     cos, sin = rope_cos_sin(tokens.shape[1], hd, args.rope_theta, tokens.device)
     h, residual = sd["model.embed_tokens.weight"][tokens], None
@@ -162,7 +165,7 @@ def colam_reference_logits(
         x = norm(h, sd[p + "post_attention_layernorm.weight"])
         gate = s(x @ sd[p + "pre_mlp.pre_gate_proj.cola_a"]) @ sd[p + "self_mlp.post_gate_proj.cola_b"]
         up = s(x @ sd[p + "pre_mlp.pre_up_proj.cola_a"]) @ sd[p + "self_mlp.post_up_proj.cola_b"]
-        h = s((ACTS[act](gate) if gated else gate) * up @ sd[p + "self_mlp.pre_down_proj.cola_a"])
+        h = s(((ACTS[act](gate) if gated else gate) * up) @ sd[p + "self_mlp.pre_down_proj.cola_a"])
     h = h @ sd[f"model.layers.{n - 1}.post_mlp.post_down_proj.cola_b"] + residual
     return norm(h, sd["model.norm.weight"]) @ sd["lm_head.weight"].t()
 
@@ -210,10 +213,15 @@ def test_official_checkpoint_imports_with_equal_logits(
         config = json.load(f)
     assert config["cola_activation"] == hidden_act and config["gate_activation"] == (not only_lr_act)
     hf = ColaForCausalLM.from_pretrained(hf_dir, dtype=torch.float32).eval()
+    source_hf = build_hf_model(source.state_dict(), source.args).float().eval()
     with torch.no_grad():
-        assert (hf(tokens()).logits - expected).abs().max().item() < 1e-4
-    _, again, _ = load_hf_folder(hf_dir)
-    assert again == source.args
+        logits = hf(tokens()).logits
+        assert torch.equal(logits, source_hf(tokens()).logits)  # exactly the source model's export
+        assert (logits - expected).abs().max().item() < 1e-4  # and the HF code agrees with ours
+    state_again, args_again, _ = load_hf_folder(hf_dir)
+    assert args_again == source.args
+    for name, t in source.state_dict().items():
+        assert torch.equal(state_again[name], t), name
 
 
 def test_lr_act_type_is_ignored_like_the_official_model(tmp_path) -> None:
@@ -292,8 +300,6 @@ def test_old_files_without_the_field_mean_silu(tmp_path) -> None:
 
 def test_full_rank_gate_activation_exports_as_hidden_act(tmp_path) -> None:
     from transformers import LlamaForCausalLM
-
-    from megatron_cola.convert.export import build_hf_model
 
     args = ModelArgs(
         hidden_size=64,
