@@ -315,3 +315,26 @@ def test_full_rank_gate_activation_exports_as_hidden_act(tmp_path) -> None:
     assert isinstance(hf, LlamaForCausalLM) and hf.config.hidden_act == "gelu"
     with torch.no_grad():
         assert (hf.float()(tokens()).logits - model(tokens())).abs().max().item() < 1e-4
+
+
+def test_official_defaults_and_tied_embeddings(tmp_path) -> None:
+    """A config without ``rank`` means ``hidden_size // 4`` (their default); with tied embeddings and no
+    ``lm_head.weight`` the head is the embedding, untied by copying."""
+    source = source_model("silu", True, num_layers=2)
+    with torch.no_grad():
+        source.lm_head.weight.copy_(source.embed_tokens.weight)
+    folder = str(tmp_path / "official")
+    write_official(source, folder, True, "silu", True)
+    with open(os.path.join(folder, "config.json")) as f:
+        config = json.load(f)
+    assert config.pop("rank") == source.args.hidden_size // 4
+    config["tie_word_embeddings"] = True
+    with open(os.path.join(folder, "config.json"), "w") as f:
+        json.dump(config, f)
+    path = os.path.join(folder, "pytorch_model.bin")
+    sd = torch.load(path)
+    del sd["lm_head.weight"]
+    torch.save(sd, path)
+    state, args, _ = load_hf_folder(folder)
+    assert args == source.args
+    assert torch.equal(state["lm_head.weight"], source.lm_head.weight)
