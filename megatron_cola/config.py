@@ -57,7 +57,10 @@ class ModelArgs:
     cola_activation: str = "silu"
     """σ applied on the rank-r bottleneck."""
     gate_activation: bool = True
-    """Apply SwiGLU's SiLU to the gate (``down(silu(gate) * up)``); False gives ``down(gate * up)``."""
+    """Apply an activation to SwiGLU's gate (``down(act(gate) * up)``); False gives ``down(gate * up)``."""
+    mlp_gate_act: str = "silu"
+    """The gate activation ``act`` when ``gate_activation`` is on: SwiGLU's SiLU, or e.g. ``gelu`` for
+    checkpoints whose ``hidden_act`` is GELU. Model files written before this field existed mean SiLU."""
     norm_eps: float = 1e-6
     """RMSNorm epsilon."""
     rope_theta: float = 10000.0
@@ -100,6 +103,11 @@ class ModelArgs:
     @classmethod
     def field_names(cls) -> list[str]:
         return [f.name for f in dataclasses.fields(cls)]
+
+    @classmethod
+    def field_defaults(cls) -> dict[str, Any]:
+        """Each field's default: the meaning of a field that an older saved ``args`` dict lacks."""
+        return {f.name: f.default for f in dataclasses.fields(cls)}
 
     def replace(self, **changes: Any) -> ModelArgs:
         """A validated copy with some fields changed."""
@@ -162,10 +170,11 @@ class ModelArgs:
                     f"ModelArgs.cola_rank must satisfy 0 < cola_rank < min(d_in, d_out) = {smallest}, "
                     f"got {self.cola_rank!r}"
                 )
-        if self.cola_activation not in ACTIVATIONS:
-            raise ValueError(
-                f"ModelArgs.cola_activation {self.cola_activation!r} is unknown; allowed: {list(ACTIVATIONS)}"
-            )
+        for name in ("cola_activation", "mlp_gate_act"):
+            if getattr(self, name) not in ACTIVATIONS:
+                raise ValueError(
+                    f"ModelArgs.{name} {getattr(self, name)!r} is unknown; allowed: {list(ACTIVATIONS)}"
+                )
         if self.recompute not in RECOMPUTE_CHOICES:
             raise ValueError(
                 f"ModelArgs.recompute {self.recompute!r} is unknown; allowed: {list(RECOMPUTE_CHOICES)}"

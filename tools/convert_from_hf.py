@@ -5,7 +5,8 @@ python tools/convert_from_hf.py --load HF_DIR --save CKPT_DIR [--tokenizer-model
                                 [--overwrite]
 
 Understood: ``LlamaForCausalLM`` folders (-> the full-rank model), Megatron-CoLA ``ColaForCausalLM`` exports
-(-> CoLA) and the CoLA authors' ``ColaForCausalLM`` (``model_type: cola``; ``cola_a``/``cola_b`` tensors).
+(-> CoLA) and the CoLA authors' ``ColaForCausalLM`` and CoLA-M ``ColaMForCausalLM`` (``model_type: cola``;
+``cola_a``/``cola_b`` tensors; σ and the gate activation from ``hidden_act``, as their models do).
 Writes ``CKPT_DIR/iter_0000000/model_tp00.pt`` (tensor-parallel size 1) and ``CKPT_DIR/latest``; the
 tokenizer (the folder's, or --tokenizer-model) is copied to ``CKPT_DIR/tokenizer``.
 """

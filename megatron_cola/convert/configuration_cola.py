@@ -3,8 +3,8 @@
 This file is copied verbatim into every exported CoLA folder and loaded there as remote code
 (``trust_remote_code=True``), so it imports nothing but ``transformers``. Field names follow
 ``LlamaConfig`` where LLaMA has the same quantity (``hidden_size``, ``intermediate_size``,
-``rms_norm_eps``, ``rope_theta``, ...); the CoLA-specific ones are ``cola_rank``, ``cola_activation``
-and ``gate_activation``.
+``rms_norm_eps``, ``rope_theta``, ...); the CoLA-specific ones are ``cola_rank``, ``cola_activation``,
+``gate_activation`` and ``mlp_gate_act``.
 """
 
 from __future__ import annotations
@@ -23,8 +23,9 @@ class ColaConfig(PretrainedConfig):
     ``σ = cola_activation`` and ``B: cola_rank -> out``, no bias. ``cola_rank=None`` makes them dense
     ``nn.Linear`` maps instead (a plain LLaMA in this same code, used for like-for-like benchmarks;
     exports of full-rank checkpoints are native ``LlamaForCausalLM`` folders). The MLP is
-    ``down(act(gate(x)) * up(x))`` with ``act`` SiLU when ``gate_activation`` and identity otherwise
-    (the paper's 350M and larger CoLA models drop SwiGLU's own SiLU). Embeddings are untied.
+    ``down(act(gate(x)) * up(x))`` with ``act = mlp_gate_act`` (SiLU unless set) when ``gate_activation``
+    and identity otherwise (the paper's 350M and larger CoLA models drop SwiGLU's own SiLU). Embeddings
+    are untied.
     """
 
     model_type = "megatron_cola"
@@ -40,6 +41,7 @@ class ColaConfig(PretrainedConfig):
         cola_rank: int | None = 128,
         cola_activation: str = "silu",
         gate_activation: bool = True,
+        mlp_gate_act: str = "silu",
         rms_norm_eps: float = 1e-6,
         rope_theta: float = 10000.0,
         max_position_embeddings: int = 256,
@@ -55,10 +57,9 @@ class ColaConfig(PretrainedConfig):
             raise ValueError(
                 f"num_attention_heads ({num_attention_heads}) must divide hidden_size ({hidden_size})"
             )
-        if cola_activation not in COLA_ACTIVATIONS:
-            raise ValueError(
-                f"cola_activation {cola_activation!r} is unknown; allowed: {list(COLA_ACTIVATIONS)}"
-            )
+        for field, act in (("cola_activation", cola_activation), ("mlp_gate_act", mlp_gate_act)):
+            if act not in COLA_ACTIVATIONS:
+                raise ValueError(f"{field} {act!r} is unknown; allowed: {list(COLA_ACTIVATIONS)}")
         if cola_rank is not None and not 0 < cola_rank < min(hidden_size, intermediate_size):
             raise ValueError(
                 f"cola_rank must satisfy 0 < cola_rank < min(hidden_size, intermediate_size) = "
@@ -77,6 +78,7 @@ class ColaConfig(PretrainedConfig):
         self.cola_rank = cola_rank
         self.cola_activation = cola_activation
         self.gate_activation = bool(gate_activation)
+        self.mlp_gate_act = mlp_gate_act
         self.rms_norm_eps = rms_norm_eps
         self.rope_theta = float(rope_theta)
         self.max_position_embeddings = max_position_embeddings

@@ -1,6 +1,6 @@
 """Name, shape and config mapping between Megatron-CoLA checkpoints and Hugging Face folders.
 
-Three weight layouts are understood:
+Four weight layouts are understood:
 
 ``llama``          a native ``LlamaForCausalLM`` (our full-rank models): ``model.`` + our name, same shapes
                    (``lm_head.weight`` keeps its name);
@@ -9,9 +9,11 @@ Three weight layouts are understood:
 ``official_cola``  the CoLA authors' ``ColaForCausalLM`` (a ``LlamaForCausalLM`` whose seven linear maps
                    are ``ColaLayer`` modules computing ``σ(x @ cola_a) @ cola_b``): ``cola_a`` ``[in, rank]``
                    is our ``weight_a`` transposed, ``cola_b`` ``[rank, out]`` our ``weight_b`` transposed;
-                   its config names the rank ``rank``, the bottleneck activation ``lr_act_type`` (default
-                   ``hidden_act``) and ``only_lr_act`` (True: ``down(gate * up)``, i.e. our
-                   ``gate_activation=False``).
+                   its config names the rank ``rank``; ``hidden_act`` is σ and, unless ``only_lr_act``
+                   (True: ``down(gate * up)``, our ``gate_activation=False``), the gate activation too
+                   (``lr_act_type`` is ignored, as the authors' model ignores it);
+``official_colam`` the authors' CoLA-M ``ColaMForCausalLM``: the same tensors under other module names,
+                   renamed by ``official_cola.colam_to_cola`` and then read as ``official_cola``.
 
 Also here: the safetensors writer (sharded with an index past a size limit) and reader (single file,
 sharded with an index, or ``pytorch_model*.bin``), and the validation that names every missing,
@@ -29,10 +31,15 @@ from typing import Any
 import torch
 
 from megatron_cola.config import ModelArgs
+from megatron_cola.convert.official_cola import (
+    OUR_TO_HF_ACTIVATION,
+    official_activation_fields,
+    our_activation_fields_from_llama,
+)
 from megatron_cola.errors import ConversionError  # noqa: F401  (re-exported)
 from megatron_cola.model.transformer import CoLALlama
 
-LAYOUTS = ("llama", "megatron_cola", "official_cola")
+LAYOUTS = ("llama", "megatron_cola", "official_cola", "official_colam")
 COLA_MODEL_TYPE = "megatron_cola"
 SAFE_WEIGHTS = "model.safetensors"
 SAFE_INDEX = "model.safetensors.index.json"
@@ -151,7 +158,7 @@ def hf_config_dict(args: ModelArgs, token_ids: dict[str, int | None], dtype: tor
             "num_key_value_heads": args.num_attention_heads,
             "head_dim": args.head_dim,
             # LLaMA applies ``hidden_act`` to the gate: "linear" is the identity of gate_activation=False.
-            "hidden_act": "silu" if args.gate_activation else "linear",
+            "hidden_act": OUR_TO_HF_ACTIVATION[args.mlp_gate_act] if args.gate_activation else "linear",
             "attention_bias": False,
             "mlp_bias": False,
         }
@@ -166,6 +173,7 @@ def hf_config_dict(args: ModelArgs, token_ids: dict[str, int | None], dtype: tor
         "cola_rank": args.cola_rank,
         "cola_activation": args.cola_activation,
         "gate_activation": args.gate_activation,
+        "mlp_gate_act": args.mlp_gate_act,
     }
 
 
@@ -222,28 +230,18 @@ def model_args_from_config(config: dict[str, Any], layout: str, where: str) -> M
         max_seq_length=int(get("max_position_embeddings", 256)),
         init_std=float(get("initializer_range", 0.02)),
     )
-    act_names = {"silu": True, "swish": True, "linear": False, "identity": False}
     if layout == "llama":
-        act = get("hidden_act", "silu")
-        if act not in act_names:
-            raise ConversionError(
-                f"{where}: hidden_act {act!r} is not supported (silu, or linear for no SiLU)"
-            )
-        fields.update(full_rank=True, gate_activation=act_names[act])
+        fields.update(full_rank=True, **our_activation_fields_from_llama(config, where))
     elif layout == "megatron_cola":
         fields.update(
             cola_rank=get("cola_rank"),
             cola_activation=get("cola_activation", "silu"),
             gate_activation=bool(get("gate_activation", True)),
+            mlp_gate_act=get("mlp_gate_act", "silu"),  # exports made before the field: SiLU
         )
-    else:  # official_cola
-        lr_act = get("lr_act_type") or get("hidden_act", "silu")
-        lr_act = {"swish": "silu", "linear": "identity"}.get(lr_act, lr_act)
-        fields.update(
-            cola_rank=get("rank"), cola_activation=lr_act, gate_activation=not get("only_lr_act", True)
-        )
-        if not fields["gate_activation"] and get("hidden_act", "silu") not in ("silu", "swish"):
-            raise ConversionError(f"{where}: hidden_act {get('hidden_act')!r} is not supported (silu)")
+    else:  # official_cola, official_colam
+        rank = get("rank") if get("rank") is not None else hidden // 4  # the authors' default
+        fields.update(cola_rank=rank, **official_activation_fields(config, where))
     try:
         return ModelArgs(**fields)
     except (TypeError, ValueError) as err:

@@ -2,9 +2,10 @@
 
 Understood folders (see ``hf_format`` for the weight layouts): a ``LlamaForCausalLM`` (-> our full-rank
 model), a Megatron-CoLA ``ColaForCausalLM`` export (-> CoLA) and the CoLA authors' ``ColaForCausalLM``
-(``model_type: cola``; ``cola_a`` ``[in, rank]`` / ``cola_b`` ``[rank, out]``, config ``rank``,
-``lr_act_type``, ``only_lr_act``). Every tensor is checked against the shapes the config implies;
-the first problems are reported by name with expected and actual shapes.
+and CoLA-M ``ColaMForCausalLM`` (``model_type: cola``; ``cola_a`` ``[in, rank]`` / ``cola_b``
+``[rank, out]``, config ``rank``, ``hidden_act``, ``only_lr_act``; CoLA-M is told apart by its tensor
+names). Every tensor is checked against the shapes the config implies; the first problems are reported
+by name with expected and actual shapes.
 
 The result is ``{save}/iter_0000000/model_tp00.pt`` (``save_model_file``, tensor-parallel size 1, no
 split dims, fp32 by default) plus ``{save}/latest``; the tokenizer files are copied to ``{save}/tokenizer``
@@ -29,6 +30,7 @@ from megatron_cola.convert.hf_format import (
     model_args_from_config,
     read_config,
 )
+from megatron_cola.convert.official_cola import colam_to_cola, is_colam
 from megatron_cola.convert.tokenizer import TokenizerSpec, tokenizer_vocab_size
 from megatron_cola.training.model_files import (
     LATEST_FILE,
@@ -43,16 +45,28 @@ TOKENIZER_DIR = "tokenizer"
 
 
 def load_hf_folder(hf_dir: str) -> tuple[dict[str, torch.Tensor], ModelArgs, str]:
-    """Our state dict (in the folder's dtype), ``ModelArgs`` and the detected layout of an HF folder."""
+    """Our state dict (in the folder's dtype), ``ModelArgs`` and the detected layout of an HF folder
+    (one of ``hf_format.LAYOUTS``)."""
     config = read_config(hf_dir)
     layout = detect_layout(config, hf_dir)
     args = model_args_from_config(config, layout, hf_dir)
     tensors = load_hf_tensors(hf_dir)
-    if layout == "llama" and config.get("tie_word_embeddings") and "lm_head.weight" not in tensors:
+    if (
+        layout in ("llama", "official_cola")
+        and config.get("tie_word_embeddings")
+        and "lm_head.weight" not in tensors
+    ):
         tensors["lm_head.weight"] = tensors["model.embed_tokens.weight"]  # untie: our head is its own copy
-    if layout == "official_cola":
+    if layout == "official_cola" and is_colam(tensors):
+        tensors = colam_to_cola(tensors, args.num_layers, hf_dir)
+        layout = "official_colam"
+    if layout.startswith("official_"):
         _drop_zero_biases(tensors, hf_dir)
-    return from_layout(tensors, args, layout, hf_dir), args, layout
+    if layout == "official_colam":  # renamed above: its tensors are now read as official_cola's
+        state = from_layout(tensors, args, "official_cola", f"{hf_dir} (CoLA-M, named as ColaForCausalLM)")
+    else:
+        state = from_layout(tensors, args, layout, hf_dir)
+    return state, args, layout
 
 
 def _drop_zero_biases(tensors: dict[str, torch.Tensor], where: str) -> None:

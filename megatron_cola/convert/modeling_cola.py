@@ -192,6 +192,7 @@ class ColaMLP(nn.Module):
         super().__init__()
         d, f = config.hidden_size, config.intermediate_size
         self.gate_activation = config.gate_activation
+        self.gate_act_fn = _ACTIVATIONS[getattr(config, "mlp_gate_act", "silu")]
         self.gate_proj = _linear(config, d, f)
         self.up_proj = _linear(config, d, f)
         self.down_proj = _linear(config, f, d)
@@ -199,7 +200,7 @@ class ColaMLP(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         gate = self.gate_proj(x)
         if self.gate_activation:
-            gate = F.silu(gate)
+            gate = self.gate_act_fn(gate)
         return self.down_proj(gate * self.up_proj(x))
 
 

@@ -16,7 +16,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from megatron_cola.config import ModelArgs
-from megatron_cola.model.cola_linear import CoLALinear
+from megatron_cola.model.cola_linear import CoLALinear, get_activation
 from megatron_cola.model.layers import CrossEntropyLoss, RMSNorm, apply_rope, rope_cos_sin
 from megatron_cola.model.recompute import run_with_recompute
 
@@ -51,12 +51,14 @@ class Attention(nn.Module):
 
 
 class MLP(nn.Module):
-    """SwiGLU ``down(act(gate(x)) * up(x))``; ``act`` is SiLU, or identity when ``gate_activation`` is off."""
+    """SwiGLU ``down(act(gate(x)) * up(x))``; ``act`` is ``mlp_gate_act`` (SiLU by default), or identity
+    when ``gate_activation`` is off."""
 
     def __init__(self, args: ModelArgs) -> None:
         super().__init__()
         d, f = args.hidden_size, args.ffn_hidden_size
         self.gate_activation = args.gate_activation
+        self.gate_act_fn = get_activation(args.mlp_gate_act)
         self.gate_proj = make_linear(args, d, f)
         self.up_proj = make_linear(args, d, f)
         self.down_proj = make_linear(args, f, d)
@@ -64,7 +66,7 @@ class MLP(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         gate = self.gate_proj(x)
         if self.gate_activation:
-            gate = F.silu(gate)
+            gate = self.gate_act_fn(gate)
         return self.down_proj(gate * self.up_proj(x))
 
 

@@ -227,7 +227,7 @@ def load_weights_only(
 
 
 # Architecture details a weights-only load takes from the checkpoint rather than from --model-size.
-_ADOPTED_FIELDS = ("norm_eps", "rope_theta", "gate_activation", "cola_activation", "init_std")
+_ADOPTED_FIELDS = ("norm_eps", "rope_theta", "gate_activation", "mlp_gate_act", "cola_activation", "init_std")
 
 
 def adopt_architecture(model_args: ModelArgs, load_dir: str) -> tuple[ModelArgs, dict[str, Any]]:
@@ -243,7 +243,8 @@ def adopt_architecture(model_args: ModelArgs, load_dir: str) -> tuple[ModelArgs,
 
 def check_compatible(client_state: dict[str, Any], args: argparse.Namespace, model_args: ModelArgs) -> None:
     """Refuse a resume whose flags would not continue the same run."""
-    saved_model = dict(client_state.get("model_args", {}))
+    # A field the checkpoint predates has its default meaning (e.g. mlp_gate_act = silu).
+    saved_model = {**ModelArgs.field_defaults(), **client_state.get("model_args", {})}
     ours = model_args.to_dict()
     for key in ("recompute", "max_seq_length"):
         saved_model.pop(key, None)
