@@ -35,7 +35,9 @@ def resolve_recipe(script: str | os.PathLike[str], extra: list[str]) -> list[str
         raise ConfigError(f"{script} could not resolve its recipe (exit {proc.returncode}): {message}")
     words = proc.stdout.split(b"\0")
     if not words or words[-1] != b"":
-        raise ConfigError(f"{script} printed no NUL-terminated flags under LAUNCHER=args; is it a size script?")
+        raise ConfigError(
+            f"{script} printed no NUL-terminated flags under LAUNCHER=args; is it a size script?"
+        )
     return [w.decode() for w in words[:-1]]
 
 
