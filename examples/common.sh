@@ -130,6 +130,7 @@ case "$LAUNCHER" in
     launch+=("$PYTHON" -u "$ENTRY")
     ;;
   none)
+    echo "# MASTER_ADDR=${MASTER_ADDR:-} MASTER_PORT=$MASTER_PORT NNODES=$NNODES GPUS_PER_NODE=$GPUS_PER_NODE"
     printf '%q ' python "$ENTRY" "${args[@]}"
     echo
     exit 0
