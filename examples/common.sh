@@ -117,8 +117,10 @@ case "$LAUNCHER" in
     : "${SLURM_JOB_ID:?LAUNCHER=srun runs inside a SLURM allocation (sbatch or salloc)}"
     export MASTER_ADDR="${MASTER_ADDR:-$(scontrol show hostnames "$SLURM_JOB_NODELIST" | head -n 1)}"
     export MASTER_PORT
-    launch=(srun --nodes "${SLURM_NNODES:-$NNODES}" --ntasks-per-node "$GPUS_PER_NODE" --kill-on-bad-exit=1
-            "$PYTHON" -u "$ENTRY")
+    launch=(srun --nodes "${SLURM_NNODES:-$NNODES}" --ntasks-per-node "$GPUS_PER_NODE" --kill-on-bad-exit=1)
+    # Slurm 22.05's srun does not inherit the allocation's --cpus-per-task: pass it on.
+    if [[ -n "${SLURM_CPUS_PER_TASK:-}" ]]; then launch+=(--cpus-per-task "$SLURM_CPUS_PER_TASK"); fi
+    launch+=("$PYTHON" -u "$ENTRY")
     ;;
   mpirun)
     NP="${NP:-$((NNODES * GPUS_PER_NODE))}"
