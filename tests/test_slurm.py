@@ -216,32 +216,30 @@ def _latest(save: Path) -> int:
         return 0
 
 
-def test_sbatch_trains_in_both_modes_from_outside_the_repo(
-    cluster: Cluster, synthetic_prefix: str, tmp_path
-) -> None:
-    """srun and deepspeed mode: the same losses, a checkpoint, COMPLETED with exit 0, nothing left running."""
-    jobs = {}
-    for mode in ("srun", "deepspeed"):
-        save = tmp_path / f"ck-{mode}"
-        jobs[mode] = (
-            _submit(
-                cluster, tmp_path, f"cola-{mode}", save, synthetic_prefix, LAUNCH_MODE=mode, TRAIN_ITERS="3"
-            ),
-            save,
-        )
-    for mode, (job_id, save) in jobs.items():
-        info = cluster.wait_state(job_id, ("COMPLETED", "FAILED", "CANCELLED", "TIMEOUT"), 150)
-        log = _attempt_log(tmp_path, f"cola-{mode}", job_id)
-        assert info["JobState"] == "COMPLETED" and info["ExitCode"] == "0:0", log[-3000:]
-        assert f"LAUNCH_MODE={mode}" in log and "world 2 = TP 1 x DP 2" in log
-        assert (save / "latest").read_text().strip() == "iter_0000003"
-        assert not _processes_of(save)
-        # sbatch's own output file went to the submit directory, not the spool or the checkout's logs/.
-        assert (tmp_path / f"submit-cola-{mode}" / f"cola-{mode}-{job_id}.out").exists()
-    srun, ds = (_train_records(jobs[m][1]) for m in ("srun", "deepspeed"))
-    assert [it for it, _ in srun] == [1, 2, 3]
-    assert [it for it, _ in ds] == [1, 2, 3]
-    assert [loss for _, loss in srun] == pytest.approx([loss for _, loss in ds], rel=1e-6)
+ITERS = 30
+
+
+@pytest.fixture(scope="module")
+def srun_run(cluster: Cluster, synthetic_prefix: str, tmp_path_factory: pytest.TempPathFactory) -> dict:
+    """The debug recipe for ITERS iterations in srun mode, submitted from outside the checkout."""
+    tmp = tmp_path_factory.mktemp("srun")
+    save, name = tmp / "ck", "cola-srun"
+    job_id = _submit(cluster, tmp, name, save, synthetic_prefix, LAUNCH_MODE="srun", TRAIN_ITERS=str(ITERS))
+    info = cluster.wait_state(job_id, ("COMPLETED", "FAILED", "CANCELLED", "TIMEOUT"), 240)
+    return {"tmp": tmp, "save": save, "name": name, "job_id": job_id, "info": info}
+
+
+def test_sbatch_srun_mode_trains_from_outside_the_repo(srun_run: dict) -> None:
+    """Exit state, checkpoint, per-attempt log and sbatch's own output in the submit directory."""
+    tmp, save, name, job_id = srun_run["tmp"], srun_run["save"], srun_run["name"], srun_run["job_id"]
+    log = _attempt_log(tmp, name, job_id)
+    assert srun_run["info"]["JobState"] == "COMPLETED" and srun_run["info"]["ExitCode"] == "0:0", log[-3000:]
+    assert "LAUNCH_MODE=srun" in log and "world 2 = TP 1 x DP 2" in log
+    assert (save / "latest").read_text().strip() == f"iter_{ITERS:07d}"
+    assert [it for it, _ in _train_records(save)] == list(range(1, ITERS + 1))
+    assert not _processes_of(save)
+    # sbatch's own output file is in the submit directory, not in slurmd's spool or the checkout.
+    assert (tmp / f"submit-{name}" / f"{name}-{job_id}.out").exists()
 
 
 def _requeued(cluster: Cluster, job_id: str, restarts: int) -> bool:
@@ -263,13 +261,14 @@ def _assert_resumed_exactly(records: list[tuple[int, float]]) -> None:
         first.setdefault(it, loss)
 
 
-def test_scancel_stops_every_rank_then_resubmit_and_requeue_resume(
-    cluster: Cluster, synthetic_prefix: str, tmp_path
+def test_deepspeed_mode_scancel_resubmit_requeue_resume(
+    cluster: Cluster, synthetic_prefix: str, srun_run: dict, tmp_path
 ) -> None:
     """scancel of a deepspeed-mode job stops every process; the resubmitted job resumes from the last
-    periodic checkpoint; the time-limit signal requeues it (a new log) and it resumes and finishes."""
+    periodic checkpoint; the time-limit signal requeues it (a new log) and it resumes and finishes, with
+    the losses of the uninterrupted srun-mode run."""
     save, name = tmp_path / "ck", "cola-resume"
-    env = {"LAUNCH_MODE": "deepspeed", "TRAIN_ITERS": "30", "SAVE_INTERVAL": "2"}
+    env = {"LAUNCH_MODE": "deepspeed", "TRAIN_ITERS": str(ITERS), "SAVE_INTERVAL": "2"}
     job1 = _submit(cluster, tmp_path, name, save, synthetic_prefix, **env)
     _wait_for(lambda: _latest(save) >= 2, 180, f"a first checkpoint in {save}")
     cluster.run("scancel", job1)
@@ -290,12 +289,15 @@ def test_scancel_stops_every_rank_then_resubmit_and_requeue_resume(
     assert info["JobState"] == "COMPLETED" and info["ExitCode"] == "0:0", _attempt_log(
         tmp_path, name, job2, 1
     )
-    assert _latest(save) == 30 and not _processes_of(save)
+    assert _latest(save) == ITERS and not _processes_of(save)
     # Each attempt's first logged iteration: the resubmitted job starts right after the checkpoint the
     # cancel left, the requeued attempt right after a later periodic one (every 2 iterations).
     assert _first_iteration(_attempt_log(tmp_path, name, job2, 0)) == stopped_at + 1
     requeued_from = _first_iteration(_attempt_log(tmp_path, name, job2, 1)) - 1
     assert requeued_from > stopped_at and requeued_from % 2 == 0
     records = _train_records(save)
-    assert {it for it, _ in records} == set(range(1, 31))
+    assert {it for it, _ in records} == set(range(1, ITERS + 1))
     _assert_resumed_exactly(records)
+    # Same recipe, same seed: deepspeed mode with two resumes gives the straight srun run's losses.
+    straight = dict(_train_records(srun_run["save"]))
+    assert [loss for it, loss in records] == pytest.approx([straight[it] for it, _ in records], rel=1e-6)
