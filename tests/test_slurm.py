@@ -99,6 +99,17 @@ class Cluster:
         return out.strip() in ("idle", "idle*") and "*" not in out
 
     def stop(self) -> None:
+        """Cancel what is left (a failed test's job), so slurmd's step daemons end, then the daemons."""
+        if self.procs and all(p.poll() is None for p in self.procs):
+            jobs = self.run("squeue", "-h", "-o", "%i", check=False).stdout.split()
+            if jobs:
+                self.run("scancel", *jobs, check=False)
+                try:
+                    _wait_for(
+                        lambda: not self.run("squeue", "-h", check=False).stdout.strip(), 60, "jobs to end"
+                    )
+                except AssertionError:
+                    pass  # stop the daemons anyway
         for p in reversed(self.procs):
             if p.poll() is None:
                 p.send_signal(signal.SIGTERM)
