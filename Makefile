@@ -7,7 +7,7 @@ STAMP  := $(VENV)/.installed
 
 export OMP_NUM_THREADS ?= 1
 
-.PHONY: setup setup-mpi test lint quickstart
+.PHONY: setup setup-mpi setup-slurm test lint quickstart
 
 setup: $(STAMP)
 
@@ -36,3 +36,9 @@ quickstart: setup
 setup-mpi: setup
 	command -v mpirun >/dev/null || (apt-get update -q && apt-get install -y -q openmpi-bin libopenmpi-dev)
 	$(PIP) install -q mpi4py
+
+# Optional: Slurm 22.05 and munge from apt (root), for tests/test_slurm.py, which writes its own single-node
+# slurm.conf for this host in a temporary directory and starts munged, slurmctld and slurmd itself.
+setup-slurm: setup
+	command -v slurmctld >/dev/null && command -v munged >/dev/null || \
+	  (apt-get update -q && DEBIAN_FRONTEND=noninteractive apt-get install -y -q slurm-wlm munge)

@@ -4,9 +4,10 @@
 # evaluate, plot the loss and export to Hugging Face. Idempotent: a second run reuses the data and the
 # finished checkpoint (the training step then only re-evaluates).
 set -euo pipefail
-REPO_DIR="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
+# shellcheck source=examples/env.sh
+source "$(dirname "${BASH_SOURCE[0]}")/env.sh"
 cd "$REPO_DIR"
-PY="$REPO_DIR/.venv/bin/python"
+PY="$PYTHON"
 RUN_DIR="${RUN_DIR:-runs/quickstart}"
 export OMP_NUM_THREADS=1
 start=$(date +%s)

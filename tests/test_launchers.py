@@ -1,20 +1,25 @@
-"""Launcher scripts: they parse (bash -n), pass shellcheck, and resolve to flags pretrain_cola.py accepts."""
+"""Launcher scripts: they parse (bash -n, and the size scripts as Python), pass shellcheck, resolve to flags
+pretrain_cola.py accepts, and ``deepspeed examples/pretrain_cola_<size>.sh`` trains on 2 CPU ranks."""
 
 from __future__ import annotations
 
+import json
 import os
 import shlex
 import shutil
+import socket
 import subprocess
 import sys
 from pathlib import Path
 
 import pytest
 
+from megatron_cola.launch import resolve_recipe
 from megatron_cola.training.arguments import parse_args
 
 from .conftest import ROOT, dist_env, free_port, synthetic_args
 
+SIZES = ["debug", "60m", "130m", "350m", "1b", "7b"]
 SCRIPTS = sorted(
     [*ROOT.glob("examples/*.sh"), *ROOT.glob("examples/slurm/*.sbatch"), *ROOT.glob("examples/mpi/*.sh")]
 )
@@ -28,6 +33,84 @@ def shellcheck() -> str | None:
 @pytest.mark.parametrize("script", SCRIPTS, ids=lambda p: str(p.relative_to(ROOT)))
 def test_script_parses(script: Path) -> None:
     subprocess.run(["bash", "-n", str(script)], check=True)
+
+
+@pytest.mark.parametrize("size", SIZES)
+def test_size_script_is_also_python(size: str) -> None:
+    """The deepspeed launcher runs the size script with python on every rank."""
+    path = ROOT / f"examples/pretrain_cola_{size}.sh"
+    compile(path.read_text(), str(path), "exec")
+
+
+def _resolve_with_bash(script: Path, env: dict[str, str], *extra: str) -> tuple[str, list[str]]:
+    """(the ``# MASTER_...`` line, the flags) that ``LAUNCHER=none bash SCRIPT`` prints."""
+    proc = subprocess.run(
+        ["bash", str(script), *extra],
+        env={**env, "LAUNCHER": "none"},
+        capture_output=True,
+        text=True,
+        check=True,
+    )
+    lines = proc.stdout.strip().splitlines()
+    words = shlex.split(lines[-1])
+    assert words[0] == "python" and words[1].endswith("pretrain_cola.py")
+    return lines[-2], words[2:]
+
+
+@pytest.mark.parametrize("size", SIZES)
+def test_rank_entry_resolves_the_bash_recipe(size: str, tmp_path, monkeypatch) -> None:
+    """Each rank's python (megatron_cola/launch.py) gets exactly the flags the bash path starts."""
+    env = {
+        **dist_env(),
+        "DATA_PATH": "0.5 /d/a b 0.5 /d/c",
+        "TOKENIZER_MODEL": "/d/tok.model",
+        "TP": "2",
+        "SAVE_DIR": str(tmp_path / "ck dir"),
+        "EXTRA_ARGS": "--seed 7",
+    }
+    script = ROOT / f"examples/pretrain_cola_{size}.sh"
+    _, bash_flags = _resolve_with_bash(script, env, "--eval-iters", "3")
+    for key, value in env.items():
+        monkeypatch.setenv(key, value)
+    rank_flags = resolve_recipe(script, ["--local_rank=1", "--eval-iters", "3"])
+    assert rank_flags == [*bash_flags[:-2], "--local_rank=1", "--eval-iters", "3"]
+    args = parse_args(rank_flags)
+    assert args.local_rank == 1 and args.eval_iters == 3 and args.seed == 7
+    assert args.save == str(tmp_path / "ck dir")
+
+
+def test_rank_entry_names_a_missing_variable(monkeypatch) -> None:
+    from megatron_cola.errors import ConfigError
+
+    monkeypatch.delenv("DATA_PATH", raising=False)
+    monkeypatch.setenv("TOKENIZER_MODEL", "/d/tok.model")
+    with pytest.raises(ConfigError, match="DATA_PATH.*deepspeed_env"):
+        resolve_recipe(ROOT / "examples/pretrain_cola_7b.sh", ["--local_rank=0"])
+
+
+def test_master_port_is_free_on_one_node_and_29500_on_several(tmp_path) -> None:
+    env = {**dist_env(), "DATA_PATH": "/d/a", "TOKENIZER_MODEL": "/d/t", "SAVE_DIR": str(tmp_path)}
+    env.pop("MASTER_PORT", None)
+    script = ROOT / "examples/pretrain_cola_60m.sh"
+    with socket.socket() as busy:  # a port in use is never picked
+        busy.bind(("", 0))
+        busy.listen()
+        line, _ = _resolve_with_bash(script, env)
+        port = int(line.split("MASTER_PORT=")[1].split()[0])
+        assert port != busy.getsockname()[1]
+        with socket.socket() as s:
+            s.bind(("", port))
+    assert "MASTER_PORT=29500 " in _resolve_with_bash(script, {**env, "NNODES": "2"})[0]
+    assert "MASTER_PORT=1234 " in _resolve_with_bash(script, {**env, "MASTER_PORT": "1234"})[0]
+
+
+def test_mpi_script_warmup_follows_train_iters(tmp_path) -> None:
+    env = {**dist_env(), "NP": "2", "TRAIN_ITERS": "5", "SAVE_DIR": str(tmp_path)}
+    _, flags = _resolve_with_bash(ROOT / "examples/mpi/pretrain_cola_mpi.sh", env)
+    args = parse_args(flags)
+    assert args.train_iters == 5 and args.lr_warmup_iters <= 5
+    _, flags = _resolve_with_bash(ROOT / "examples/mpi/pretrain_cola_mpi.sh", {**env, "WARMUP": "3"})
+    assert parse_args(flags).lr_warmup_iters == 3
 
 
 def test_shellcheck_clean() -> None:
@@ -128,3 +211,32 @@ def test_mpirun_trains(synthetic_prefix: str, tmp_path) -> None:
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert "world 2 = TP 1 x DP 2" in proc.stdout
     assert (tb / "metrics.jsonl").read_text().count('"kind": "train"') == 3
+
+
+@pytest.mark.slow
+def test_deepspeed_launcher_runs_the_size_script(synthetic_prefix: str, tmp_path) -> None:
+    """``deepspeed --num_gpus 2 examples/pretrain_cola_debug.sh FLAGS`` trains on 2 CPU ranks, from any
+    directory, with the venv off PATH (the ranks' python comes from the launcher)."""
+    deepspeed = Path(sys.executable).parent / "deepspeed"
+    save = tmp_path / "ck"
+    env = {
+        **dist_env(),
+        "PATH": "/usr/bin:/bin",
+        "DATA_PATH": synthetic_prefix,
+        "TOKENIZER_TYPE": "NullTokenizer",
+        "TOKENIZER_MODEL": "none",
+        "TRAIN_ITERS": "3",
+        "SAVE_DIR": str(save),
+    }
+    env.pop("OMP_NUM_THREADS")  # the rank entry defaults it to 1
+    cmd = [
+        str(deepspeed), "--num_gpus", "2", "--master_port", str(free_port()),
+        str(ROOT / "examples/pretrain_cola_debug.sh"),
+        "--vocab-size", "256", "--num-layers", "2", "--seq-length", "64", "--log-interval", "1",
+    ]  # fmt: skip
+    proc = subprocess.run(cmd, env=env, cwd=tmp_path, capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    assert "world 2 = TP 1 x DP 2" in proc.stdout
+    assert (save / "latest").read_text().strip() == "iter_0000003"
+    rows = [json.loads(x) for x in (save / "tensorboard" / "metrics.jsonl").read_text().splitlines()]
+    assert [r["iteration"] for r in rows if r["kind"] == "train"] == [1, 2, 3]
