@@ -18,17 +18,12 @@ import textwrap
 import pytest
 import torch
 
+from megatron_cola.atomic_io import atomic_write_text
+from megatron_cola.checkpoint import iteration_tag, load_full_state_dict, model_file_name, save_model_file
 from megatron_cola.config import ModelArgs
 from megatron_cola.convert import ConversionError, export_checkpoint, import_hf_folder, load_hf_folder
 from megatron_cola.convert.modeling_cola import ColaForCausalLM
 from megatron_cola.model import CoLALlama, build_model
-from megatron_cola.training.model_files import (
-    atomic_write_text,
-    iteration_tag,
-    load_full_state_dict,
-    model_file_name,
-    save_model_file,
-)
 
 PADDED_VOCAB = 320
 WORDS = (
