@@ -93,7 +93,7 @@ def trained_model(overrides: dict, vocab: int, seed: int = 3) -> CoLALlama:
 
 
 def split_dims(model: CoLALlama) -> dict[str, int]:
-    """The tensor-parallel split dim of every sharded parameter (DESIGN.md's CoLA TP scheme)."""
+    """The tensor-parallel split dim of every sharded parameter (docs/tensor_parallel.md's CoLA scheme)."""
     dims = {"embed_tokens.weight": 0, "lm_head.weight": 0}
     for name, _ in model.named_parameters():
         if ".self_attn.o_proj." in name or ".mlp.down_proj." in name:  # row-parallel

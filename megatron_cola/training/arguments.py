@@ -30,6 +30,15 @@ def build_parser() -> argparse.ArgumentParser:
         description="Pre-train a CoLA (or full-rank LLaMA) model with DeepSpeed. Flags follow Megatron-LM.",
         allow_abbrev=False,
     )
+    _add_model_flags(p)
+    _add_training_flags(p)
+    _add_optimizer_flags(p)
+    _add_data_flags(p)
+    _add_checkpoint_and_logging_flags(p)
+    return p
+
+
+def _add_model_flags(p: argparse.ArgumentParser) -> None:
     g = p.add_argument_group("model")
     g.add_argument("--model-size", default="debug", help=f"named size, one of {list(SIZES)}")
     g.add_argument("--full-rank", action="store_true", help="train the full-rank LLaMA baseline")
@@ -52,6 +61,8 @@ def build_parser() -> argparse.ArgumentParser:
         help="pad the tokenizer's vocab to a multiple of this (times the TP size) for the embedding/head",
     )
 
+
+def _add_training_flags(p: argparse.ArgumentParser) -> None:
     g = p.add_argument_group("training")
     g.add_argument(
         "--micro-batch-size", type=int, default=4, help="sequences per forward per data-parallel rank"
@@ -85,6 +96,8 @@ def build_parser() -> argparse.ArgumentParser:
     )
     g.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"], help="where to train")
 
+
+def _add_optimizer_flags(p: argparse.ArgumentParser) -> None:
     g = p.add_argument_group("optimizer and schedule")
     g.add_argument("--lr", type=float, default=3e-3, help="peak learning rate")
     g.add_argument("--min-lr", type=float, default=None, help="final learning rate (default 0.1 x --lr)")
@@ -99,6 +112,8 @@ def build_parser() -> argparse.ArgumentParser:
         "--clip-grad", type=float, default=None, help="global gradient-norm clip, 0 disables (default 0.5)"
     )
 
+
+def _add_data_flags(p: argparse.ArgumentParser) -> None:
     g = p.add_argument_group("data")
     g.add_argument(
         "--data-path",
@@ -113,6 +128,8 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--vocab-size", type=int, default=None, help="vocab of the NullTokenizer")
     g.add_argument("--num-workers", type=int, default=0, help="DataLoader workers")
 
+
+def _add_checkpoint_and_logging_flags(p: argparse.ArgumentParser) -> None:
     g = p.add_argument_group("checkpoints, evaluation, logging")
     g.add_argument("--save", default=None, help="checkpoint directory")
     g.add_argument("--load", default=None, help="checkpoint directory to resume from")
@@ -124,7 +141,6 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--eval-iters", type=int, default=10, help="validation batches per evaluation")
     g.add_argument("--log-interval", type=int, default=10, help="log every N iterations")
     g.add_argument("--tensorboard-dir", default=None, help="TensorBoard scalars and metrics.jsonl go here")
-    return p
 
 
 def world_size_from_env() -> int:

@@ -18,6 +18,7 @@ from typing import Any
 import torch
 import torch.distributed as dist
 
+from megatron_cola.data.tokenizers import AbstractTokenizer
 from megatron_cola.errors import DataError, MegatronColaError
 from megatron_cola.training.arguments import (
     ArgumentError,
@@ -26,6 +27,7 @@ from megatron_cola.training.arguments import (
     pad_vocab_size,
     parse_args,
 )
+from megatron_cola.training.train_config import TrainConfig
 from megatron_cola.training.trainer import Trainer
 
 
@@ -77,7 +79,7 @@ def _init_distributed(device: torch.device) -> bool:
     return True
 
 
-def _load_tokenizer(cfg: Any) -> Any:
+def _load_tokenizer(cfg: TrainConfig) -> AbstractTokenizer:
     from megatron_cola.data import build_tokenizer
 
     try:
