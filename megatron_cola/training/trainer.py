@@ -211,9 +211,7 @@ class Trainer:
                 self.history["valid"].append((it, self._evaluate_and_log("validation", self.valid_ds)))
                 meter.restart()
             stop = cfg.exit_interval is not None and it % cfg.exit_interval == 0
-            if cfg.save and (
-                (cfg.save_interval and it % cfg.save_interval == 0) or stop or it == cfg.train_iters
-            ):
+            if self._save_due(stop):
                 self.save()
                 meter.restart()
             if stop:
@@ -225,6 +223,13 @@ class Trainer:
         self.writer.close()
         self.history["iteration"] = self.iteration
         return self.history
+
+    def _save_due(self, stop: bool) -> bool:
+        """Every ``--save-interval``, before an ``--exit-interval`` exit, and at the last iteration."""
+        cfg, it = self.cfg, self.iteration
+        if not cfg.save:
+            return False
+        return bool(cfg.save_interval and it % cfg.save_interval == 0) or stop or it == cfg.train_iters
 
     def _final_evaluations(self) -> None:
         """Validation at the last iteration (unless the loop just did it) and the test split."""
