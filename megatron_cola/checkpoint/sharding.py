@@ -1,7 +1,8 @@
 """How a model parameter's full (unsharded) tensor relates to the shard this rank holds.
 
-The only place in ``checkpoint/`` that reads the sharding metadata tensor parallelism attaches to a
-parameter, so re-pointing it (e.g. at a registry in ``parallel/``) is a change to these two functions.
+The only place in ``checkpoint/`` that reads tensor-parallel sharding metadata, so re-pointing it (e.g. at
+a registry in ``model/``/``parallel/``) changes these two functions and nothing else. The signatures take
+the model and a parameter name, as a registry keyed by name would.
 """
 
 from __future__ import annotations
@@ -9,12 +10,16 @@ from __future__ import annotations
 import torch
 
 
-def full_shape(param: torch.nn.Parameter) -> tuple[int, ...]:
-    """The shape of the full tensor ``param`` is a shard of (its own shape when it is not sharded)."""
+def full_shape(model: torch.nn.Module, name: str) -> tuple[int, ...]:
+    """The shape of the full tensor parameter ``name`` is a shard of (its own shape when not sharded)."""
+    param = model.get_parameter(name)
     return tuple(getattr(param, "full_shape", param.shape))
 
 
-def shard_of(param: torch.nn.Parameter, full: torch.Tensor) -> torch.Tensor:
-    """This rank's shard of ``full`` for ``param`` (``full`` itself when ``param`` is not sharded)."""
+@torch.no_grad()
+def load_full_(model: torch.nn.Module, name: str, full: torch.Tensor) -> None:
+    """Copy this rank's shard of ``full`` into parameter ``name`` (all of it when not sharded)."""
+    param = model.get_parameter(name)
     shard_fn = getattr(param, "shard_fn", None)
-    return shard_fn(full) if shard_fn is not None else full
+    value = shard_fn(full) if shard_fn is not None else full
+    param.copy_(value.to(dtype=param.dtype, device=param.device))

@@ -11,7 +11,7 @@ import torch
 
 from megatron_cola.checkpoint.io import CheckpointReader
 from megatron_cola.checkpoint.model_files import load_full_state_dict
-from megatron_cola.checkpoint.sharding import full_shape, shard_of
+from megatron_cola.checkpoint.sharding import full_shape, load_full_
 from megatron_cola.config import ModelArgs
 from megatron_cola.errors import CheckpointError
 from megatron_cola.model.transformer import param_seed
@@ -42,9 +42,9 @@ def load_weights_only(
             f"unexpected {unexpected[:5]} (was it saved with a different --model-size / --full-rank?)"
         )
     with torch.no_grad():
-        for name, param in own.items():
+        for name in own:
             full = state[name]
-            shape = full_shape(param)
+            shape = full_shape(model, name)
             if name in _VOCAB_PARAMS and full.shape[0] != shape[0]:
                 # Different vocab padding: rows past the checkpoint's vocab get a fresh seeded init.
                 gen = torch.Generator().manual_seed(param_seed(seed, name))
@@ -56,7 +56,7 @@ def load_weights_only(
                 raise CheckpointError(
                     f"tensor {name}: checkpoint shape {tuple(full.shape)} != model shape {shape}"
                 )
-            param.copy_(shard_of(param, full).to(dtype=param.dtype, device=param.device))
+            load_full_(model, name, full)  # this rank's shard of the full tensor
     return meta
 
 
