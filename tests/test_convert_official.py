@@ -17,6 +17,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
+from megatron_cola.checkpoint.model_files import load_full_state_dict
 from megatron_cola.config import ModelArgs
 from megatron_cola.convert import ConversionError, export_checkpoint, import_hf_folder, load_hf_folder
 from megatron_cola.convert.export import build_hf_model
@@ -24,7 +25,6 @@ from megatron_cola.convert.modeling_cola import ColaForCausalLM
 from megatron_cola.errors import CheckpointError
 from megatron_cola.model import CoLALlama, build_model
 from megatron_cola.model.layers import apply_rope, rope_cos_sin
-from megatron_cola.training.model_files import load_full_state_dict
 
 VOCAB = 96
 ACTS = {"silu": F.silu, "gelu": F.gelu, "relu": F.relu, "tanh": torch.tanh, "identity": lambda t: t}

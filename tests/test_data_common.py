@@ -1,5 +1,5 @@
 """Shared helpers for the tests/test_data_*.py files (synthetic corpora, a tiny SentencePiece model, an
-independent struct-based MMIDIDX writer/parser written from the DESIGN.md spec, running the tools)."""
+independent struct-based MMIDIDX writer/parser written from the format spec in docs/data.md, running the tools)."""
 
 from __future__ import annotations
 
@@ -83,7 +83,7 @@ def train_tiny_spm(directory: Path | str, vocab_size: int = 400, seed: int = 1) 
 
 
 def spec_write_dataset(prefix: str, seqs: list[list[int]], doc_starts: list[int], dtype: str) -> None:
-    """Independent MMIDIDX v1 writer (struct only) following DESIGN.md."""
+    """Independent MMIDIDX v1 writer (struct only) following docs/data.md."""
     fmt = SPEC_STRUCT[dtype]
     itemsize = struct.calcsize("<" + fmt)
     with open(prefix + ".bin", "wb") as f:

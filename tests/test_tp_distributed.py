@@ -20,6 +20,7 @@ import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
 
+from megatron_cola.checkpoint import merge_tp_shards
 from megatron_cola.config import ModelArgs
 from megatron_cola.model import CoLALlama
 from megatron_cola.model.layers import CrossEntropyLoss
@@ -39,7 +40,6 @@ from megatron_cola.parallel import (
 )
 from megatron_cola.parallel.comm import model_comm_bytes
 from megatron_cola.parallel.layers import ColumnParallelCoLA, RowParallelCoLA
-from megatron_cola.training.model_files import merge_tp_shards
 
 pytestmark = pytest.mark.slow
 

@@ -207,7 +207,7 @@ def test_resume_refuses_incompatible_flags(synthetic_prefix: str, tmp_path) -> N
 
 def test_incomplete_checkpoint_is_ignored(tmp_path) -> None:
     """A directory without ``latest`` (a save killed midway) is not a checkpoint to resume from."""
-    from megatron_cola.training.model_files import read_latest
+    from megatron_cola.checkpoint import read_latest
 
     (tmp_path / "iter_0000005").mkdir()
     (tmp_path / "iter_0000005" / "mp_rank_00_model_states.pt").write_bytes(b"partial")
@@ -306,4 +306,5 @@ def test_data_from_another_tokenizer_is_refused(synthetic_prefix: str) -> None:
         timeout=300,
     )
     assert proc.returncode == 2
-    assert "has only 101 ids: preprocess the data with the same tokenizer" in proc.stderr
+    assert "outside the tokenizer's vocabulary [0, 101)" in proc.stderr
+    assert "syn_text_document" in proc.stderr  # names the dataset

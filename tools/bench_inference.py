@@ -24,125 +24,10 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import resource
-import statistics
 import subprocess
 import sys
-import time
 
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-
-VARIANTS = ("cola", "full", "llama")
-DTYPES = ("fp32", "bf16")
-
-
-def _maxrss_mib() -> float:
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # Linux reports KiB
-
-
-def _rss_now_mib() -> float:
-    """Current resident set size (Linux ``/proc``; elsewhere the peak so far)."""
-    try:
-        with open("/proc/self/statm") as f:
-            return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE") / 2**20
-    except OSError:
-        return _maxrss_mib()
-
-
-def run_variant(a: argparse.Namespace) -> dict:
-    """Build one variant, time ``generate()``, measure memory; runs inside the worker subprocess."""
-    import torch
-
-    from megatron_cola.config import ModelArgs
-    from megatron_cola.convert.configuration_cola import ColaConfig
-    from megatron_cola.convert.modeling_cola import ColaForCausalLM
-
-    dtype = {"fp32": torch.float32, "bf16": torch.bfloat16}[a.dtype]
-    device = torch.device(a.device)
-    args = ModelArgs.from_size(a.model_size, full_rank=a.worker != "cola")
-    fields = dict(
-        vocab_size=args.vocab_size,
-        hidden_size=args.hidden_size,
-        intermediate_size=args.ffn_hidden_size,
-        num_hidden_layers=args.num_layers,
-        num_attention_heads=args.num_attention_heads,
-        max_position_embeddings=a.prompt_length + a.new_tokens,
-    )
-    cuda = device.type == "cuda"
-    if cuda:
-        torch.cuda.reset_peak_memory_stats(device)
-    rss_before = _rss_now_mib()
-    with torch.device("meta"):
-        if a.worker == "llama":
-            from transformers import LlamaConfig, LlamaForCausalLM
-
-            model = LlamaForCausalLM(LlamaConfig(**fields, tie_word_embeddings=False))
-        else:
-            config = ColaConfig(
-                **fields,
-                cola_rank=args.cola_rank if a.worker == "cola" else None,
-                gate_activation=args.gate_activation,
-            )
-            model = ColaForCausalLM(config)
-    model.to_empty(device=device)
-    model = model.to(dtype).eval()
-    gen = torch.Generator(device=device).manual_seed(0)
-    with torch.no_grad():
-        for name, p in model.named_parameters():
-            if name.endswith("norm.weight") or "layernorm" in name:
-                p.fill_(1.0)
-            else:
-                p.normal_(0.0, 0.02, generator=gen)
-        for buf_name, buf in model.named_buffers():  # LLaMA's RoPE tables were left empty on the meta device
-            if "inv_freq" in buf_name:
-                rope = getattr(model.config, "rope_parameters", None) or {}
-                base = rope.get("rope_theta", getattr(model.config, "rope_theta", 10000.0))
-                hd = model.config.hidden_size // model.config.num_attention_heads
-                buf.copy_(1.0 / (base ** (torch.arange(0, hd, 2, device=device).float() / hd)))
-    weights_mib = sum(p.numel() * p.element_size() for p in model.parameters()) / 2**20
-    params = sum(p.numel() for p in model.parameters())
-
-    prompt = torch.randint(0, args.vocab_size, (a.batch_size, a.prompt_length), device=device, generator=gen)
-    mask = torch.ones_like(prompt)
-    kwargs = dict(
-        attention_mask=mask,
-        do_sample=False,
-        eos_token_id=None,
-        pad_token_id=0,
-        max_new_tokens=a.new_tokens,
-        min_new_tokens=a.new_tokens,
-    )
-
-    def sync() -> None:
-        if cuda:
-            torch.cuda.synchronize(device)
-
-    with torch.no_grad():
-        model.generate(prompt, **{**kwargs, "max_new_tokens": 4, "min_new_tokens": 4})  # warm-up
-        sync()
-        t = time.perf_counter()
-        model(prompt, attention_mask=mask, use_cache=True, logits_to_keep=1)  # as generate() does
-        sync()
-        prefill_ms = (time.perf_counter() - t) * 1e3
-        times = []
-        for _ in range(a.repeats):
-            sync()
-            t = time.perf_counter()
-            out = model.generate(prompt, **kwargs)
-            sync()
-            times.append(time.perf_counter() - t)
-    assert out.shape[1] == a.prompt_length + a.new_tokens
-    elapsed = statistics.median(times)
-    peak = torch.cuda.max_memory_allocated(device) / 2**20 if cuda else _maxrss_mib() - rss_before
-    return {
-        "variant": a.worker,
-        "params": params,
-        "weights_mib": weights_mib,
-        "generate_tok_s": a.batch_size * a.new_tokens / elapsed,
-        "prefill_ms": prefill_ms,
-        "peak_mib": peak,
-        "peak_kind": "cuda max_memory_allocated" if cuda else "peak RSS rise",
-    }
+from megatron_cola.convert.inference_bench import DTYPES, VARIANTS, run_variant
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -177,7 +62,10 @@ def main(argv: list[str] | None = None) -> int:
         from transformers.utils import logging as hf_logging
 
         hf_logging.set_verbosity_error()
-        print("RESULT " + json.dumps(run_variant(a)))
+        result = run_variant(
+            a.worker, a.model_size, a.batch_size, a.prompt_length, a.new_tokens, a.dtype, a.device, a.repeats
+        )
+        print("RESULT " + json.dumps(result))
         return 0
 
     variants = [v.strip() for v in a.variants.split(",") if v.strip()]

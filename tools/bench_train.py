@@ -17,17 +17,14 @@ import contextlib
 import json
 import os
 import statistics
-import sys
 import time
 
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+import torch
 
-import torch  # noqa: E402
-
-from megatron_cola.config import ModelArgs  # noqa: E402
-from megatron_cola.model import build_model  # noqa: E402
-from megatron_cola.model.flops import training_flops_per_token  # noqa: E402
-from megatron_cola.training.logging_utils import peak_tflops  # noqa: E402
+from megatron_cola.config import ModelArgs
+from megatron_cola.model import build_model
+from megatron_cola.model.flops import training_flops_per_token
+from megatron_cola.training.logging_utils import peak_tflops
 
 
 def parse_variant(spec: str, size: str, vocab: int | None, seq: int) -> tuple[str, ModelArgs]:

@@ -12,14 +12,10 @@ docs/tensor_parallel.md. ``CommCounter`` measures the same numbers on a real run
 from __future__ import annotations
 
 import argparse
-import os
-import sys
 
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-
-from megatron_cola.config import ModelArgs  # noqa: E402
-from megatron_cola.parallel.comm import block_comm_volume, comm_table, format_comm_table  # noqa: E402
-from megatron_cola.parallel.transform import check_tensor_parallel_sizes  # noqa: E402
+from megatron_cola.config import ModelArgs
+from megatron_cola.parallel.comm import block_comm_volume, comm_table, format_comm_table
+from megatron_cola.parallel.transform import check_tensor_parallel_sizes
 
 DTYPE_BYTES = {"bf16": 2, "fp16": 2, "fp32": 4}
 

@@ -11,40 +11,9 @@ Writes ``CKPT_DIR/iter_0000000/model_tp00.pt`` (tensor-parallel size 1) and ``CK
 tokenizer (the folder's, or --tokenizer-model) is copied to ``CKPT_DIR/tokenizer``.
 """
 
-from __future__ import annotations
-
-import argparse
-import os
 import sys
 
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-
-from megatron_cola.convert.hf_format import ConversionError  # noqa: E402
-from megatron_cola.convert.import_hf import DTYPES, import_hf_folder  # noqa: E402
-
-
-def main(argv: list[str] | None = None) -> int:
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--load", required=True, help="Hugging Face model folder")
-    p.add_argument(
-        "--save", required=True, help="checkpoint directory to write (the --load of pretrain_cola.py)"
-    )
-    p.add_argument(
-        "--tokenizer-model", default=None, help="SentencePiece .model or HF tokenizer folder to record"
-    )
-    p.add_argument("--dtype", choices=sorted(DTYPES), default="fp32", help="dtype of the written weights")
-    p.add_argument("--overwrite", action="store_true", help="replace a checkpoint already in --save")
-    a = p.parse_args(argv)
-    try:
-        path = import_hf_folder(
-            a.load, a.save, tokenizer_model=a.tokenizer_model, dtype=a.dtype, overwrite=a.overwrite
-        )
-    except (ConversionError, OSError, ValueError) as err:
-        print(f"convert_from_hf: error: {err}", file=sys.stderr)
-        return 1
-    print(f"wrote {path}")
-    return 0
-
+from megatron_cola.cli.convert_from_hf import main
 
 if __name__ == "__main__":
     sys.exit(main())

@@ -9,50 +9,9 @@ written into the folder (``AutoModelForCausalLM.from_pretrained(HF_DIR, trust_re
 Any ZeRO stage and tensor-parallel degree: the model files' shards are merged, the vocab padding dropped.
 """
 
-from __future__ import annotations
-
-import argparse
-import os
 import sys
 
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-
-from megatron_cola.convert.export import DTYPES, export_checkpoint  # noqa: E402
-from megatron_cola.convert.hf_format import ConversionError  # noqa: E402
-
-
-def main(argv: list[str] | None = None) -> int:
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--load", required=True, help="checkpoint directory (the --save of pretrain_cola.py)")
-    p.add_argument("--save", required=True, help="output folder for the Hugging Face model")
-    p.add_argument("--iteration", type=int, default=None, help="checkpoint iteration (default: latest)")
-    p.add_argument("--dtype", choices=sorted(DTYPES), default="bf16", help="weight dtype of the export")
-    p.add_argument(
-        "--max-shard-size", default="2GB", help="split the safetensors past this size (2GB, 500MB)"
-    )
-    p.add_argument(
-        "--tokenizer-model", default=None, help="SentencePiece .model or HF tokenizer folder to use"
-    )
-    p.add_argument("--no-tokenizer", action="store_true", help="write no tokenizer files")
-    p.add_argument("--overwrite", action="store_true", help="replace a non-empty --save folder")
-    a = p.parse_args(argv)
-    try:
-        out = export_checkpoint(
-            a.load,
-            a.save,
-            a.iteration,
-            dtype=a.dtype,
-            max_shard_size=a.max_shard_size,
-            tokenizer_model=a.tokenizer_model,
-            with_tokenizer=not a.no_tokenizer,
-            overwrite=a.overwrite,
-        )
-    except (ConversionError, OSError, ValueError) as err:
-        print(f"convert_to_hf: error: {err}", file=sys.stderr)
-        return 1
-    print(f"wrote {out}: {', '.join(sorted(os.listdir(out)))}")
-    return 0
-
+from megatron_cola.cli.convert_to_hf import main
 
 if __name__ == "__main__":
     sys.exit(main())

@@ -9,16 +9,12 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
-import sys
 
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+import torch
 
-import torch  # noqa: E402
-
-from megatron_cola.config import RECOMPUTE_CHOICES, SIZES, ModelArgs  # noqa: E402
-from megatron_cola.model.activation_memory import measure_saved_activations  # noqa: E402
-from megatron_cola.model.flops import training_flops_per_token  # noqa: E402
+from megatron_cola.config import RECOMPUTE_CHOICES, SIZES, ModelArgs
+from megatron_cola.model.activation_memory import measure_saved_activations
+from megatron_cola.model.flops import training_flops_per_token
 
 DTYPES = {"bf16": torch.bfloat16, "fp32": torch.float32}
 

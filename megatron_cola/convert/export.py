@@ -21,12 +21,11 @@ from typing import Any
 
 import torch
 
+from megatron_cola.checkpoint import load_full_state_dict
 from megatron_cola.config import ModelArgs
-from megatron_cola.convert.hf_format import hf_config_dict, save_safetensors, to_layout
+from megatron_cola.convert.hf_format import DTYPES, hf_config_dict, save_safetensors, to_layout
 from megatron_cola.convert.tokenizer import TokenizerSpec, save_tokenizer, special_token_ids
-from megatron_cola.training.model_files import load_full_state_dict
 
-DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
 REMOTE_CODE_FILES = ("configuration_cola.py", "modeling_cola.py")
 _HERE = os.path.dirname(os.path.abspath(__file__))
 

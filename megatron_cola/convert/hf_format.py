@@ -46,6 +46,8 @@ SAFE_INDEX = "model.safetensors.index.json"
 BIN_WEIGHTS = "pytorch_model.bin"
 BIN_INDEX = "pytorch_model.bin.index.json"
 # Tensors some HF LLaMA checkpoints carry that hold no weights.
+#: ``--dtype`` names of the converters and ``tools/generate.py`` (one table for export, import, inference).
+DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
 IGNORED_HF_TENSORS = re.compile(r".*rotary_emb\.inv_freq$")
 
 

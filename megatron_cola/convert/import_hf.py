@@ -21,8 +21,11 @@ from typing import Any
 
 import torch
 
+from megatron_cola.atomic_io import atomic_write_text
+from megatron_cola.checkpoint import LATEST_FILE, iteration_tag, model_file_name, save_model_file
 from megatron_cola.config import ModelArgs
 from megatron_cola.convert.hf_format import (
+    DTYPES,
     ConversionError,
     detect_layout,
     from_layout,
@@ -32,15 +35,7 @@ from megatron_cola.convert.hf_format import (
 )
 from megatron_cola.convert.official_cola import colam_to_cola, is_colam
 from megatron_cola.convert.tokenizer import TokenizerSpec, tokenizer_vocab_size
-from megatron_cola.training.model_files import (
-    LATEST_FILE,
-    atomic_write_text,
-    iteration_tag,
-    model_file_name,
-    save_model_file,
-)
 
-DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
 TOKENIZER_DIR = "tokenizer"
 
 

@@ -13,11 +13,11 @@ from typing import Any
 
 import torch
 
+from megatron_cola.checkpoint import load_full_state_dict
 from megatron_cola.config import ModelArgs
 from megatron_cola.convert.export import build_hf_model, dtype_kwarg
 from megatron_cola.convert.hf_format import COLA_MODEL_TYPE, read_config
 from megatron_cola.convert.tokenizer import TokenizerSpec, load_hf_tokenizer, special_token_ids
-from megatron_cola.training.model_files import load_full_state_dict
 
 
 def is_hf_folder(path: str) -> bool:

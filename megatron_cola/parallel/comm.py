@@ -6,7 +6,7 @@ per token per block (``d`` hidden, ``f`` ffn, ``r`` CoLA rank; fwd + bwd):
 
 ``dense``  Megatron on the full-rank model: all-reduce of d after o and down (fwd) and at the attention
            and MLP inputs (bwd): 4 all-reduces of d.
-``cola``   ours (DESIGN.md): fwd 5 all-gathers of r (q, k, v, gate, up bottlenecks), 2 reduce-scatters
+``cola``   ours: fwd 5 all-gathers of r (q, k, v, gate, up bottlenecks), 2 reduce-scatters
            of r (o, down bottlenecks), 2 all-reduces of d (o, down outputs); bwd the conjugates: 5
            reduce-scatters and 2 all-gathers of r, and 2 all-reduces of d at the attention / MLP inputs.
            Ring bytes: ``(t-1)/t · (8 d + 14 r)`` elements vs dense ``(t-1)/t · 8 d``: ratio

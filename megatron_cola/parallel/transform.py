@@ -1,6 +1,6 @@
 """``apply_tensor_parallel``: turn a plain ``CoLALlama`` into this rank's tensor-parallel shard, in place.
 
-What is swapped (DESIGN.md, "Tensor parallelism for CoLA"):
+What is swapped (docs/tensor_parallel.md, "The scheme"):
 
 =====================  ==========================  ==========================
 module                 CoLA model                  full-rank model

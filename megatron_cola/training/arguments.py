@@ -1,7 +1,8 @@
 """Command-line arguments of ``pretrain_cola.py``, with Megatron-LM's flag names, and their validation.
 
-Everything that can be checked before any process-group work is checked in ``validate_args``; each
-message says what to change.
+``build_train_config`` (alias ``validate_args``) checks everything that can be checked before any
+process-group work and returns the frozen ``TrainConfig``; the parsed ``Namespace`` is never modified.
+Each message says what to change.
 """
 
 from __future__ import annotations
@@ -13,15 +14,10 @@ import os
 from typing import Any
 
 from megatron_cola.config import RECOMPUTE_CHOICES, SIZES, ModelArgs
+from megatron_cola.data.tokenizers import TOKENIZER_TYPES
 from megatron_cola.errors import ConfigError
 from megatron_cola.parallel.transform import pad_vocab_size  # noqa: F401  (re-exported)
-
-TOKENIZER_TYPES = (
-    "SentencePieceTokenizer",
-    "GPTSentencePieceTokenizer",
-    "HuggingFaceTokenizer",
-    "NullTokenizer",
-)
+from megatron_cola.training.train_config import TrainConfig
 
 
 class ArgumentError(ConfigError):
@@ -34,6 +30,15 @@ def build_parser() -> argparse.ArgumentParser:
         description="Pre-train a CoLA (or full-rank LLaMA) model with DeepSpeed. Flags follow Megatron-LM.",
         allow_abbrev=False,
     )
+    _add_model_flags(p)
+    _add_training_flags(p)
+    _add_optimizer_flags(p)
+    _add_data_flags(p)
+    _add_checkpoint_and_logging_flags(p)
+    return p
+
+
+def _add_model_flags(p: argparse.ArgumentParser) -> None:
     g = p.add_argument_group("model")
     g.add_argument("--model-size", default="debug", help=f"named size, one of {list(SIZES)}")
     g.add_argument("--full-rank", action="store_true", help="train the full-rank LLaMA baseline")
@@ -56,6 +61,8 @@ def build_parser() -> argparse.ArgumentParser:
         help="pad the tokenizer's vocab to a multiple of this (times the TP size) for the embedding/head",
     )
 
+
+def _add_training_flags(p: argparse.ArgumentParser) -> None:
     g = p.add_argument_group("training")
     g.add_argument(
         "--micro-batch-size", type=int, default=4, help="sequences per forward per data-parallel rank"
@@ -89,6 +96,8 @@ def build_parser() -> argparse.ArgumentParser:
     )
     g.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"], help="where to train")
 
+
+def _add_optimizer_flags(p: argparse.ArgumentParser) -> None:
     g = p.add_argument_group("optimizer and schedule")
     g.add_argument("--lr", type=float, default=3e-3, help="peak learning rate")
     g.add_argument("--min-lr", type=float, default=None, help="final learning rate (default 0.1 x --lr)")
@@ -103,6 +112,8 @@ def build_parser() -> argparse.ArgumentParser:
         "--clip-grad", type=float, default=None, help="global gradient-norm clip, 0 disables (default 0.5)"
     )
 
+
+def _add_data_flags(p: argparse.ArgumentParser) -> None:
     g = p.add_argument_group("data")
     g.add_argument(
         "--data-path",
@@ -112,11 +123,13 @@ def build_parser() -> argparse.ArgumentParser:
     )
     g.add_argument("--split", default="969,30,1", help="train,valid,test proportions by document")
     g.add_argument("--data-cache-path", default=None, help="where index caches go (default: beside the data)")
-    g.add_argument("--tokenizer-type", default="SentencePieceTokenizer", choices=TOKENIZER_TYPES)
+    g.add_argument("--tokenizer-type", default="SentencePieceTokenizer", choices=list(TOKENIZER_TYPES))
     g.add_argument("--tokenizer-model", default=None, help="SentencePiece .model or HF tokenizer dir/json")
     g.add_argument("--vocab-size", type=int, default=None, help="vocab of the NullTokenizer")
     g.add_argument("--num-workers", type=int, default=0, help="DataLoader workers")
 
+
+def _add_checkpoint_and_logging_flags(p: argparse.ArgumentParser) -> None:
     g = p.add_argument_group("checkpoints, evaluation, logging")
     g.add_argument("--save", default=None, help="checkpoint directory")
     g.add_argument("--load", default=None, help="checkpoint directory to resume from")
@@ -128,7 +141,6 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--eval-iters", type=int, default=10, help="validation batches per evaluation")
     g.add_argument("--log-interval", type=int, default=10, help="log every N iterations")
     g.add_argument("--tensorboard-dir", default=None, help="TensorBoard scalars and metrics.jsonl go here")
-    return p
 
 
 def world_size_from_env() -> int:
@@ -140,44 +152,64 @@ def world_size_from_env() -> int:
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
-    args = build_parser().parse_args(argv)
-    return args
+    return build_parser().parse_args(argv)
 
 
-def model_args_from(args: argparse.Namespace, vocab_size: int) -> ModelArgs:
-    """``ModelArgs`` of this run (``vocab_size`` already padded)."""
-    overrides: dict[str, Any] = {
-        "vocab_size": vocab_size,
-        "recompute": args.recompute,
-        "max_seq_length": args.seq_length,
-    }
-    for flag, field in (
-        ("cola_rank", "cola_rank"),
-        ("hidden_size", "hidden_size"),
-        ("ffn_hidden_size", "ffn_hidden_size"),
-        ("num_layers", "num_layers"),
-        ("num_attention_heads", "num_attention_heads"),
-    ):
-        if getattr(args, flag) is not None:
-            overrides[field] = getattr(args, flag)
-    return ModelArgs.from_size(args.model_size, full_rank=args.full_rank, **overrides)
+_MODEL_OVERRIDES = ("cola_rank", "hidden_size", "ffn_hidden_size", "num_layers", "num_attention_heads")
 
 
-def validate_args(args: argparse.Namespace, world_size: int | None = None) -> argparse.Namespace:
-    """Check flags against each other and fill derived values (``data_parallel_size``,
-    ``gradient_accumulation_steps``, ``train_iters``, ``min_lr``, ``zero_stage``...).
+def model_args_from(cfg: TrainConfig, vocab_size: int | None) -> ModelArgs:
+    """``ModelArgs`` of this run (``vocab_size`` already padded; ``None`` keeps the size's default).
 
-    Raises ``ArgumentError``.
+    ``ModelArgs`` owns the model's own checks (e.g. CoLA-M needs a CoLA model); their ``ValueError`` is
+    raised as an ``ArgumentError`` naming the model flags.
     """
-    world_size = world_size_from_env() if world_size is None else world_size
-    args.world_size = world_size
-    if args.fp16:
+    return _model_args(cfg.to_dict(), vocab_size)
+
+
+def _model_args(v: dict[str, Any], vocab_size: int | None) -> ModelArgs:
+    overrides: dict[str, Any] = {"recompute": v["recompute"], "max_seq_length": v["seq_length"]}
+    if vocab_size is not None:
+        overrides["vocab_size"] = vocab_size
+    overrides.update({f: v[f] for f in _MODEL_OVERRIDES if v[f] is not None})
+    try:
+        return ModelArgs.from_size(v["model_size"], full_rank=v["full_rank"], **overrides)
+    except ValueError as e:
+        raise ArgumentError(
+            f"the model flags (--model-size, --full-rank, --recompute and the size overrides) give an "
+            f"invalid model: {e}"
+        ) from e
+
+
+def build_train_config(args: argparse.Namespace, world_size: int | None = None) -> TrainConfig:
+    """Check the flags against each other and return the run's ``TrainConfig``, with the derived values
+    (``data_parallel_size``, ``gradient_accumulation_steps``, ``train_iters``, ``min_lr``, ``zero_stage``,
+    ...) filled in. ``args`` is not modified. Raises ``ArgumentError``.
+    """
+    v: dict[str, Any] = dict(vars(args))
+    v["world_size"] = world_size_from_env() if world_size is None else world_size
+    if v["fp16"]:
         raise ArgumentError("--fp16 is not supported (DeepSpeed refuses it on CPU); use --bf16")
-    if args.model_size not in SIZES and args.model_size.lower() not in {k.lower() for k in SIZES}:
-        raise ArgumentError(f"unknown --model-size {args.model_size!r}; allowed: {list(SIZES)}")
-    if args.recompute == "cola-m" and args.full_rank:
-        raise ArgumentError("--recompute cola-m needs a CoLA model; drop --full-rank or use --recompute full")
-    tp = args.tensor_model_parallel_size
+    if v["model_size"] not in SIZES and v["model_size"].lower() not in {k.lower() for k in SIZES}:
+        raise ArgumentError(f"unknown --model-size {v['model_size']!r}; allowed: {list(SIZES)}")
+    _check_batch_and_parallel(v)
+    _check_schedule(v)
+    _check_intervals(v)
+    _check_data_and_tokenizer(v)
+    _reconcile_deepspeed_config(v)
+    if v["finetune"] and not v["load"]:
+        raise ArgumentError("--finetune needs --load DIR")
+    _model_args(v, None)  # the model's own checks, before any process-group work
+    v["data_path"] = tuple(v["data_path"])
+    return TrainConfig(**v)
+
+
+#: The name tests and older callers use.
+validate_args = build_train_config
+
+
+def _check_batch_and_parallel(v: dict[str, Any]) -> None:
+    tp, world_size = v["tensor_model_parallel_size"], v["world_size"]
     if tp < 1:
         raise ArgumentError(f"--tensor-model-parallel-size must be >= 1, got {tp}")
     if world_size % tp:
@@ -185,69 +217,72 @@ def validate_args(args: argparse.Namespace, world_size: int | None = None) -> ar
             f"world size {world_size} is not divisible by --tensor-model-parallel-size {tp}; "
             f"launch a multiple of {tp} processes or change the TP size"
         )
-    args.data_parallel_size = world_size // tp
-    if args.micro_batch_size < 1:
-        raise ArgumentError(f"--micro-batch-size must be >= 1, got {args.micro_batch_size}")
-    per_step = args.micro_batch_size * args.data_parallel_size
-    if args.global_batch_size is None:
-        args.global_batch_size = per_step
-    if args.global_batch_size % per_step:
+    v["data_parallel_size"] = dp = world_size // tp
+    mbs = v["micro_batch_size"]
+    if mbs < 1:
+        raise ArgumentError(f"--micro-batch-size must be >= 1, got {mbs}")
+    per_step = mbs * dp
+    if v["global_batch_size"] is None:
+        v["global_batch_size"] = per_step
+    if v["global_batch_size"] % per_step:
         raise ArgumentError(
-            f"--global-batch-size {args.global_batch_size} is not divisible by --micro-batch-size "
-            f"{args.micro_batch_size} x data-parallel size {args.data_parallel_size} = {per_step}; "
-            f"use a multiple of {per_step}"
+            f"--global-batch-size {v['global_batch_size']} is not divisible by --micro-batch-size "
+            f"{mbs} x data-parallel size {dp} = {per_step}; use a multiple of {per_step}"
         )
-    args.gradient_accumulation_steps = args.global_batch_size // per_step
+    v["gradient_accumulation_steps"] = v["global_batch_size"] // per_step
 
-    if args.train_iters is not None and args.train_tokens is not None:
+
+def _check_schedule(v: dict[str, Any]) -> None:
+    if v["train_iters"] is not None and v["train_tokens"] is not None:
         raise ArgumentError("give either --train-iters or --train-tokens, not both")
-    if args.train_tokens is not None:
-        args.train_iters = math.ceil(args.train_tokens / (args.global_batch_size * args.seq_length))
-    if args.train_iters is None or args.train_iters < 1:
+    if v["train_tokens"] is not None:
+        v["train_iters"] = math.ceil(v["train_tokens"] / (v["global_batch_size"] * v["seq_length"]))
+    if v["train_iters"] is None or v["train_iters"] < 1:
         raise ArgumentError("set --train-iters N (N >= 1) or --train-tokens")
-    if args.min_lr is None:
-        args.min_lr = 0.1 * args.lr
-    if args.min_lr > args.lr:
-        raise ArgumentError(f"--min-lr {args.min_lr} is larger than --lr {args.lr}")
-    if args.lr_decay_iters is None:
-        args.lr_decay_iters = args.train_iters
-    if args.lr_warmup_iters < 0 or args.lr_warmup_iters > args.lr_decay_iters:
+    if v["min_lr"] is None:
+        v["min_lr"] = 0.1 * v["lr"]
+    if v["min_lr"] > v["lr"]:
+        raise ArgumentError(f"--min-lr {v['min_lr']} is larger than --lr {v['lr']}")
+    if v["lr_decay_iters"] is None:
+        v["lr_decay_iters"] = v["train_iters"]
+    if v["lr_warmup_iters"] < 0 or v["lr_warmup_iters"] > v["lr_decay_iters"]:
         raise ArgumentError(
-            f"--lr-warmup-iters {args.lr_warmup_iters} must be between 0 and the decay length "
-            f"({args.lr_decay_iters} iterations)"
+            f"--lr-warmup-iters {v['lr_warmup_iters']} must be between 0 and the decay length "
+            f"({v['lr_decay_iters']} iterations)"
         )
+
+
+def _check_intervals(v: dict[str, Any]) -> None:
     for flag in ("log_interval", "eval_interval", "seq_length"):
-        if getattr(args, flag) < 1:
+        if v[flag] < 1:
             raise ArgumentError(f"--{flag.replace('_', '-')} must be >= 1")
-    if args.eval_iters < 0:
+    if v["eval_iters"] < 0:
         raise ArgumentError("--eval-iters must be >= 0")
-    if args.save_interval is not None and args.save_interval < 1:
+    if v["save_interval"] is not None and v["save_interval"] < 1:
         raise ArgumentError("--save-interval must be >= 1")
-    if args.save_interval is not None and not args.save:
+    if v["save_interval"] is not None and not v["save"]:
         raise ArgumentError("--save-interval needs --save DIR")
-    if args.exit_interval is not None and args.exit_interval < 1:
+    if v["exit_interval"] is not None and v["exit_interval"] < 1:
         raise ArgumentError("--exit-interval must be >= 1")
 
-    if not args.data_path:
+
+def _check_data_and_tokenizer(v: dict[str, Any]) -> None:
+    if not v["data_path"]:
         raise ArgumentError("--data-path is required: a preprocessed prefix (see tools/preprocess_data.py)")
-    _check_data_path(args.data_path)
-    if args.tokenizer_type == "NullTokenizer":
-        if args.vocab_size is None:
+    _check_data_path(v["data_path"])
+    tokenizer_type = v["tokenizer_type"]
+    if tokenizer_type == "NullTokenizer":
+        if v["vocab_size"] is None:
             raise ArgumentError("--tokenizer-type NullTokenizer needs --vocab-size")
-    elif args.vocab_size is not None:
+    elif v["vocab_size"] is not None:
         raise ArgumentError(
-            f"--vocab-size is only for --tokenizer-type NullTokenizer; {args.tokenizer_type} takes its "
+            f"--vocab-size is only for --tokenizer-type NullTokenizer; {tokenizer_type} takes its "
             "vocab from --tokenizer-model (the embedding is padded with --make-vocab-size-divisible-by)"
         )
-    elif not args.tokenizer_model:
-        raise ArgumentError(f"--tokenizer-type {args.tokenizer_type} needs --tokenizer-model PATH")
-    elif not os.path.exists(args.tokenizer_model):
-        raise ArgumentError(f"--tokenizer-model {args.tokenizer_model} does not exist")
-
-    _reconcile_deepspeed_config(args)
-    if args.finetune and not args.load:
-        raise ArgumentError("--finetune needs --load DIR")
-    return args
+    elif not v["tokenizer_model"]:
+        raise ArgumentError(f"--tokenizer-type {tokenizer_type} needs --tokenizer-model PATH")
+    elif not os.path.exists(v["tokenizer_model"]):
+        raise ArgumentError(f"--tokenizer-model {v['tokenizer_model']} does not exist")
 
 
 def _check_data_path(data_path: list[str]) -> None:
@@ -278,56 +313,54 @@ def _is_number(s: str) -> bool:
         return False
 
 
-def _reconcile_deepspeed_config(args: argparse.Namespace) -> None:
+def _reconcile_deepspeed_config(v: dict[str, Any]) -> None:
     """A user DeepSpeed config may set batch sizes, precision and ZeRO; flags that contradict it fail."""
-    args.user_ds_config = None
-    if args.deepspeed_config is None:
-        if args.zero_stage is None:
-            args.zero_stage = 1
-        if args.clip_grad is None:
-            args.clip_grad = 0.5
+    v["user_ds_config"] = None
+    path = v["deepspeed_config"]
+    if path is None:
+        if v["zero_stage"] is None:
+            v["zero_stage"] = 1
+        if v["clip_grad"] is None:
+            v["clip_grad"] = 0.5
         return
     try:
-        with open(args.deepspeed_config) as f:
+        with open(path) as f:
             cfg = json.load(f)
     except FileNotFoundError as e:
-        raise ArgumentError(f"--deepspeed_config {args.deepspeed_config} does not exist") from e
+        raise ArgumentError(f"--deepspeed_config {path} does not exist") from e
     except json.JSONDecodeError as e:
-        raise ArgumentError(f"--deepspeed_config {args.deepspeed_config} is not valid JSON: {e}") from e
-    checks = {
-        "train_batch_size": args.global_batch_size,
-        "train_micro_batch_size_per_gpu": args.micro_batch_size,
-        "gradient_accumulation_steps": args.gradient_accumulation_steps,
-    }
-    for key, value in checks.items():
-        if key in cfg and cfg[key] != "auto" and int(cfg[key]) != value:
+        raise ArgumentError(f"--deepspeed_config {path} is not valid JSON: {e}") from e
+    for key, flag in (
+        ("train_batch_size", "global_batch_size"),
+        ("train_micro_batch_size_per_gpu", "micro_batch_size"),
+        ("gradient_accumulation_steps", "gradient_accumulation_steps"),
+    ):
+        if key in cfg and cfg[key] != "auto" and int(cfg[key]) != v[flag]:
             raise ArgumentError(
-                f"{args.deepspeed_config}: {key}={cfg[key]} contradicts the flags ({key} would be {value}); "
+                f"{path}: {key}={cfg[key]} contradicts the flags ({key} would be {v[flag]}); "
                 "make them agree or remove the key from the config"
             )
     clip = cfg.get("gradient_clipping")
-    if clip is not None and args.clip_grad is not None and float(clip) != args.clip_grad:
+    if clip is not None and v["clip_grad"] is not None and float(clip) != v["clip_grad"]:
         raise ArgumentError(
-            f"--clip-grad {args.clip_grad} contradicts gradient_clipping={clip} in {args.deepspeed_config}; "
-            "drop one of them"
+            f"--clip-grad {v['clip_grad']} contradicts gradient_clipping={clip} in {path}; drop one of them"
         )
-    args.clip_grad = (
-        float(clip) if clip is not None else (args.clip_grad if args.clip_grad is not None else 0.5)
+    v["clip_grad"] = (
+        float(clip) if clip is not None else (v["clip_grad"] if v["clip_grad"] is not None else 0.5)
     )
     stage = cfg.get("zero_optimization", {}).get("stage")
-    if stage is not None and args.zero_stage is not None and int(stage) != args.zero_stage:
+    if stage is not None and v["zero_stage"] is not None and int(stage) != v["zero_stage"]:
         raise ArgumentError(
-            f"--zero-stage {args.zero_stage} contradicts zero_optimization.stage={stage} in "
-            f"{args.deepspeed_config}; drop one of them"
+            f"--zero-stage {v['zero_stage']} contradicts zero_optimization.stage={stage} in {path}; "
+            "drop one of them"
         )
-    args.zero_stage = (
-        int(stage) if stage is not None else (args.zero_stage if args.zero_stage is not None else 1)
+    v["zero_stage"] = (
+        int(stage) if stage is not None else (v["zero_stage"] if v["zero_stage"] is not None else 1)
     )
-    cfg_bf16 = cfg.get("bf16", {}).get("enabled", False)
     if cfg.get("fp16", {}).get("enabled", False):
-        raise ArgumentError(f"{args.deepspeed_config} enables fp16, which is not supported; use bf16")
-    if cfg_bf16:
-        args.bf16 = True
-    elif args.bf16 and "bf16" in cfg:
-        raise ArgumentError(f"--bf16 contradicts bf16.enabled=false in {args.deepspeed_config}")
-    args.user_ds_config = cfg
+        raise ArgumentError(f"{path} enables fp16, which is not supported; use bf16")
+    if cfg.get("bf16", {}).get("enabled", False):
+        v["bf16"] = True
+    elif v["bf16"] and "bf16" in cfg:
+        raise ArgumentError(f"--bf16 contradicts bf16.enabled=false in {path}")
+    v["user_ds_config"] = cfg

@@ -1,42 +1,31 @@
-"""Saving and resuming: DeepSpeed's engine/optimizer state, our model files, RNG states, ``latest``.
+"""Saving and resuming a training run on top of ``megatron_cola.checkpoint`` (the on-disk format).
 
-Layout of ``--save DIR`` (Megatron's tags, DeepSpeed's files):
-```
-DIR/latest                      the tag of the newest complete checkpoint (written last, atomically)
-DIR/ds_config.json              the DeepSpeed config of the run
-DIR/iter_0000100/               DeepSpeed: mp_rank_XX_model_states.pt, *_optim_states.pt (+ client state)
-DIR/iter_0000100/model_tpNN.pt  model weights per TP rank, gathered whatever the ZeRO stage (model_files.py)
-DIR/iter_0000100/rng_state_RRRRR.pt  RNG states per global rank
-```
-A kill during a save leaves ``latest`` pointing at the previous checkpoint, which stays loadable.
+This module holds the training side's policy: what goes into the client state (the iteration, consumed
+samples, the flags that define the run), which flags must agree for an exact resume, and the order of
+the writes (DeepSpeed state, model files, RNG states, then ``latest``). A kill during a save leaves
+``latest`` pointing at the previous checkpoint, which stays loadable.
 """
 
 from __future__ import annotations
 
-import argparse
-import glob
-import os
-import random
-import re
 from typing import Any
 
-import numpy as np
-import torch
 import torch.distributed as dist
 
-from megatron_cola.config import ModelArgs
-from megatron_cola.errors import CheckpointError  # noqa: F401  (re-exported)
-from megatron_cola.model.transformer import param_seed
-from megatron_cola.training.model_files import (
-    LATEST_FILE,
-    atomic_torch_save,
-    atomic_write_text,
-    iteration_tag,
-    load_full_state_dict,
-    model_file_name,
-    read_latest,
-    save_model_file,
+from megatron_cola.checkpoint import CheckpointReader, CheckpointWriter, model_file_name, save_model_file
+from megatron_cola.checkpoint.deepspeed_state import (
+    gathered_state_dict,
+    has_deepspeed_state,
+    load_engine_state,
+    load_rng_state,
+    peek_client_state,
+    save_engine_state,
+    save_rng_state,
 )
+from megatron_cola.config import ModelArgs
+from megatron_cola.errors import CheckpointError
+from megatron_cola.parallel import ParallelState
+from megatron_cola.training.train_config import TrainConfig
 
 # Flags that must agree between a checkpoint and the run resuming it, and what to do otherwise.
 _MUST_MATCH = {
@@ -63,69 +52,32 @@ _RECORDED_FLAGS = sorted(
         "tokenizer_model",
         "model_size",
         "full_rank",
-        "min_lr",
-        "lr_warmup_iters",
         "weight_decay",
         "clip_grad",
     }
 )
 
 
-def _rng_state() -> dict[str, Any]:
-    state = {"python": random.getstate(), "numpy": np.random.get_state(), "torch": torch.get_rng_state()}
-    if torch.cuda.is_available():
-        state["cuda"] = torch.cuda.get_rng_state()
-    return state
+def recorded_flags(cfg: TrainConfig) -> dict[str, Any]:
+    """The flags saved with every checkpoint (plain values: lists, not tuples)."""
+    values = cfg.to_dict()
+    return {k: values[k] for k in _RECORDED_FLAGS}
 
 
-def _set_rng_state(state: dict[str, Any]) -> None:
-    random.setstate(state["python"])
-    np.random.set_state(state["numpy"])
-    torch.set_rng_state(state["torch"])
-    if "cuda" in state and torch.cuda.is_available():
-        torch.cuda.set_rng_state(state["cuda"])
+def _global_rank() -> int:
+    return dist.get_rank() if dist.is_initialized() else 0
 
 
-def recorded_flags(args: argparse.Namespace) -> dict[str, Any]:
-    return {k: getattr(args, k, None) for k in _RECORDED_FLAGS}
-
-
-def _gathered_state_dict(engine: Any, zero_stage: int, keep: bool) -> dict[str, torch.Tensor]:
-    """This rank's (TP-local) full parameters, copied to CPU when ``keep`` (the writing rank).
-
-    Under ZeRO-3 every rank takes part in gathering, one block (or embedding/norm/head) at a time, so no
-    more than one layer is ever materialised beyond the shards.
-    """
-    module = engine.module
-    out: dict[str, torch.Tensor] = {}
-    if zero_stage < 3:
-        if keep:
-            out = {n: p.detach().to("cpu", copy=True) for n, p in module.named_parameters()}
-        return out
-    import deepspeed
-
-    units: list[tuple[str, torch.nn.Module]] = []
-    for name, child in module.named_children():
-        if isinstance(child, torch.nn.ModuleList):
-            units += [(f"{name}.{i}", sub) for i, sub in enumerate(child)]
-        else:
-            units.append((name, child))
-    for prefix, unit in units:
-        params = list(unit.parameters())
-        if not params:
-            continue
-        with deepspeed.zero.GatheredParameters(params, modifier_rank=None):
-            if keep:
-                for n, p in unit.named_parameters():
-                    out[f"{prefix}.{n}"] = p.detach().to("cpu", copy=True)
-    return out
+def _barrier() -> None:
+    if dist.is_initialized():
+        dist.barrier()
 
 
 def save_checkpoint(
     engine: Any,
-    args: argparse.Namespace,
+    cfg: TrainConfig,
     model_args: ModelArgs,
-    parallel: Any,
+    parallel: ParallelState,
     iteration: int,
     consumed_samples: int,
     tokenizer_info: dict[str, Any] | None,
@@ -133,21 +85,20 @@ def save_checkpoint(
     split_dims: dict[str, int],
 ) -> str:
     """Save everything needed to resume exactly, then mark the checkpoint complete in ``latest``."""
-    tag = iteration_tag(iteration)
+    writer = CheckpointWriter(cfg.save, iteration)
     client_state = {
         "iteration": iteration,
         "consumed_samples": consumed_samples,
-        "args": recorded_flags(args),
+        "args": recorded_flags(cfg),
         "model_args": model_args.to_dict(),
-        "world_size": args.world_size,
-        "zero_stage": args.zero_stage,
+        "world_size": cfg.world_size,
+        "zero_stage": cfg.zero_stage,
     }
-    engine.save_checkpoint(args.save, tag=tag, client_state=client_state, save_latest=False)
-    ckpt_dir = os.path.join(args.save, tag)
-    state = _gathered_state_dict(engine, args.zero_stage, keep=parallel.dp_rank == 0)
+    save_engine_state(engine, writer, client_state)
+    state = gathered_state_dict(engine, cfg.zero_stage, keep=parallel.dp_rank == 0)
     if parallel.dp_rank == 0:
         save_model_file(
-            os.path.join(ckpt_dir, model_file_name(parallel.tp_rank)),
+            writer.path(model_file_name(parallel.tp_rank)),
             state,
             model_args.to_dict(),
             split_dims,
@@ -157,91 +108,15 @@ def save_checkpoint(
             iteration=iteration,
             tokenizer=tokenizer_info,
         )
-    rank = dist.get_rank() if dist.is_initialized() else 0
-    atomic_torch_save(_rng_state(), os.path.join(ckpt_dir, f"rng_state_{rank:05d}.pt"))
-    if dist.is_initialized():
-        dist.barrier()
-    if rank == 0:
-        atomic_write_text(os.path.join(args.save, LATEST_FILE), tag + "\n")
-        atomic_write_text(os.path.join(args.save, "latest_checkpointed_iteration.txt"), f"{iteration}\n")
-    if dist.is_initialized():
-        dist.barrier()
-    return ckpt_dir
+    save_rng_state(writer, _global_rank())
+    _barrier()
+    if _global_rank() == 0:
+        writer.commit()
+    _barrier()
+    return writer.dir
 
 
-def _engine_state_files(ckpt_dir: str) -> dict[int, str]:
-    """``{tp rank: file holding the client state}``: ``mp_rank_XX_model_states.pt`` for ZeRO 0-2,
-    ``zero_pp_rank_0_mp_rank_XX_model_states.pt`` for ZeRO-3."""
-    out: dict[int, str] = {}
-    for path in sorted(glob.glob(os.path.join(ckpt_dir, "*mp_rank_*_model_states.pt"))):
-        m = re.search(r"(zero_pp_rank_(\d+)_)?mp_rank_(\d+)_model_states\.pt$", path)
-        if m and (m.group(2) is None or m.group(2) == "0"):
-            out.setdefault(int(m.group(3)), path)
-    return out
-
-
-def has_deepspeed_state(ckpt_dir: str) -> bool:
-    return bool(_engine_state_files(ckpt_dir))
-
-
-def load_weights_only(
-    model: torch.nn.Module,
-    load_dir: str,
-    iteration: int | None = None,
-    seed: int = 1234,
-    init_std: float = 0.02,
-) -> dict[str, Any]:
-    """Copy a checkpoint's weights (any TP layout it was saved with) into ``model`` (any TP layout).
-
-    Used by ``--finetune`` and for checkpoints converted from Hugging Face (model files, no DeepSpeed
-    state). Embedding/head rows beyond the checkpoint's vocab keep their fresh initialisation.
-    """
-    state, meta = load_full_state_dict(load_dir, iteration)
-    own = dict(model.named_parameters())
-    missing = sorted(set(own) - set(state))
-    unexpected = sorted(set(state) - set(own))
-    if missing or unexpected:
-        raise CheckpointError(
-            f"checkpoint in {load_dir} does not fit this model: missing {missing[:5]}, "
-            f"unexpected {unexpected[:5]} (was it saved with a different --model-size / --full-rank?)"
-        )
-    with torch.no_grad():
-        for name, param in own.items():
-            full = state[name]
-            full_shape = tuple(getattr(param, "full_shape", param.shape))
-            if name in ("embed_tokens.weight", "lm_head.weight") and full.shape[0] != full_shape[0]:
-                # Different vocab padding: rows past the checkpoint's vocab get a fresh seeded init.
-                gen = torch.Generator().manual_seed(param_seed(seed, name))
-                grown = torch.empty(full_shape).normal_(0.0, init_std, generator=gen)
-                n = min(full.shape[0], full_shape[0])
-                grown[:n] = full[:n]
-                full = grown
-            if tuple(full.shape) != full_shape:
-                raise CheckpointError(
-                    f"tensor {name}: checkpoint shape {tuple(full.shape)} != model shape {full_shape}"
-                )
-            shard_fn = getattr(param, "shard_fn", None)
-            value = shard_fn(full) if shard_fn is not None else full
-            param.copy_(value.to(dtype=param.dtype, device=param.device))
-    return meta
-
-
-# Architecture details a weights-only load takes from the checkpoint rather than from --model-size.
-_ADOPTED_FIELDS = ("norm_eps", "rope_theta", "gate_activation", "mlp_gate_act", "cola_activation", "init_std")
-
-
-def adopt_architecture(model_args: ModelArgs, load_dir: str) -> tuple[ModelArgs, dict[str, Any]]:
-    """``model_args`` with the checkpoint's values of ``_ADOPTED_FIELDS``, and what changed."""
-    tag = read_latest(load_dir)
-    paths = sorted(glob.glob(os.path.join(load_dir, tag or "", "model_tp*.pt"))) if tag else []
-    if not paths:
-        raise CheckpointError(f"{load_dir}/{tag}: no model_tpNN.pt files to load weights from")
-    saved = torch.load(paths[0], map_location="cpu", weights_only=False, mmap=True)["args"]
-    changes = {k: saved[k] for k in _ADOPTED_FIELDS if k in saved and saved[k] != getattr(model_args, k)}
-    return (model_args.replace(**changes) if changes else model_args), changes
-
-
-def check_compatible(client_state: dict[str, Any], args: argparse.Namespace, model_args: ModelArgs) -> None:
+def check_compatible(client_state: dict[str, Any], cfg: TrainConfig, model_args: ModelArgs) -> None:
     """Refuse a resume whose flags would not continue the same run."""
     # A field the checkpoint predates has its default meaning (e.g. mlp_gate_act = silu).
     saved_model = {**ModelArgs.field_defaults(), **client_state.get("model_args", {})}
@@ -261,60 +136,46 @@ def check_compatible(client_state: dict[str, Any], args: argparse.Namespace, mod
             + ". Use the same model flags, or --finetune to load only matching weights"
         )
     saved = client_state.get("args", {})
-    problems = []
-    for key, flag in _MUST_MATCH.items():
-        if key in saved and saved[key] != getattr(args, key, None):
-            problems.append(f"{flag} was {saved[key]!r}, now {getattr(args, key, None)!r}")
+    problems = [
+        f"{flag} was {saved[key]!r}, now {getattr(cfg, key)!r}"
+        for key, flag in _MUST_MATCH.items()
+        if key in saved and saved[key] != getattr(cfg, key)
+    ]
     if (
         saved.get("zero_stage") is not None
-        and saved["zero_stage"] != args.zero_stage
-        and not args.no_load_optim
+        and saved["zero_stage"] != cfg.zero_stage
+        and not cfg.no_load_optim
     ):
         problems.append(
-            f"--zero-stage was {saved['zero_stage']}, now {args.zero_stage} (optimizer states are laid out "
+            f"--zero-stage was {saved['zero_stage']}, now {cfg.zero_stage} (optimizer states are laid out "
             "per stage: add --no-load-optim to start the optimizer afresh)"
         )
-    if client_state.get("world_size") not in (None, args.world_size) and not args.no_load_optim:
-        if args.zero_stage > 0:
-            problems.append(
-                f"the checkpoint was written by {client_state['world_size']} processes and this run has "
-                f"{args.world_size}; ZeRO optimizer shards need the same data-parallel size "
-                "(or add --no-load-optim)"
-            )
+    saved_world = client_state.get("world_size")
+    if saved_world not in (None, cfg.world_size) and not cfg.no_load_optim and cfg.zero_stage > 0:
+        problems.append(
+            f"the checkpoint was written by {saved_world} processes and this run has {cfg.world_size}; "
+            "ZeRO optimizer shards need the same data-parallel size (or add --no-load-optim)"
+        )
     if problems:
         raise CheckpointError("cannot resume exactly from this checkpoint: " + "; ".join(problems))
 
 
-def load_checkpoint(engine: Any, args: argparse.Namespace, model_args: ModelArgs) -> tuple[int, int] | None:
-    """Resume from ``args.load``: returns ``(iteration, consumed_samples)``, or ``None`` when the
+def load_checkpoint(engine: Any, cfg: TrainConfig, model_args: ModelArgs) -> tuple[int, int] | None:
+    """Resume from ``cfg.load``: returns ``(iteration, consumed_samples)``, or ``None`` when the
     directory holds no complete checkpoint with DeepSpeed state (weights-only dirs are handled before
-    the engine is built, by ``load_weights_only``)."""
-    tag = read_latest(args.load)
-    if tag is None:
+    the engine is built, by ``checkpoint.weights.load_weights_only``)."""
+    reader = CheckpointReader.latest(cfg.load)
+    if reader is None or not has_deepspeed_state(reader):
         return None
-    ckpt_dir = os.path.join(args.load, tag)
-    if not has_deepspeed_state(ckpt_dir):
-        return None
-    tp_files = _engine_state_files(ckpt_dir)
-    if len(tp_files) != args.tensor_model_parallel_size:
+    meta, saved_tp = peek_client_state(reader)
+    if saved_tp != cfg.tensor_model_parallel_size:
         raise CheckpointError(
-            f"{ckpt_dir} was saved with tensor-model-parallel size {len(tp_files)}, this run uses "
-            f"{args.tensor_model_parallel_size}; resume with --tensor-model-parallel-size {len(tp_files)} "
+            f"{reader.dir} was saved with tensor-model-parallel size {saved_tp}, this run uses "
+            f"{cfg.tensor_model_parallel_size}; resume with --tensor-model-parallel-size {saved_tp} "
             "(or --finetune to load only the weights into the new layout)"
         )
-    # Peek at the client state first, so an incompatible run fails before DeepSpeed touches anything.
-    meta = torch.load(tp_files[min(tp_files)], map_location="cpu", weights_only=False)
-    check_compatible(meta, args, model_args)
-    _, client_state = engine.load_checkpoint(
-        args.load,
-        tag=tag,
-        load_optimizer_states=not args.no_load_optim,
-        load_lr_scheduler_states=True,  # the schedule continues at the iteration even with --no-load-optim
-    )
-    if client_state is None:
-        raise CheckpointError(f"DeepSpeed could not load {ckpt_dir}")
-    rank = dist.get_rank() if dist.is_initialized() else 0
-    rng_path = os.path.join(ckpt_dir, f"rng_state_{rank:05d}.pt")
-    if not args.no_load_rng and os.path.exists(rng_path):
-        _set_rng_state(torch.load(rng_path, map_location="cpu", weights_only=False))
+    check_compatible(meta, cfg, model_args)
+    client_state = load_engine_state(engine, reader, load_optimizer_states=not cfg.no_load_optim)
+    if not cfg.no_load_rng:
+        load_rng_state(reader, _global_rank())
     return int(client_state["iteration"]), int(client_state["consumed_samples"])

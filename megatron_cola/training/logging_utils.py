@@ -77,10 +77,19 @@ class MetricsWriter:
         self.jsonl = open(os.path.join(directory, "metrics.jsonl"), "a")
 
     def write(self, kind: str, record: dict[str, Any]) -> None:
+        """Append one record (and flush the file)."""
+        self.write_many(kind, [record])
+
+    def write_many(self, kind: str, records: list[dict[str, Any]]) -> None:
+        """Append records of one kind, flushing the file once at the end."""
         if not self.enabled:
             return
-        self.jsonl.write(json.dumps({"kind": kind, **record}) + "\n")
+        for record in records:
+            self.jsonl.write(json.dumps({"kind": kind, **record}) + "\n")
+            self._scalars(kind, record)
         self.jsonl.flush()
+
+    def _scalars(self, kind: str, record: dict[str, Any]) -> None:
         if self.tb is None:
             return
         it, tokens = record["iteration"], record["consumed_tokens"]

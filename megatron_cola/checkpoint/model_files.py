@@ -18,31 +18,15 @@ parameters gathered (ZeRO-3 included). Each is a ``torch.save`` dict:
 
 from __future__ import annotations
 
-import glob
-import os
 from typing import Any
 
 import torch
 
-from megatron_cola.atomic_io import atomic_open, atomic_write_text  # noqa: F401  (re-exported)
+from megatron_cola.checkpoint.io import CheckpointReader, atomic_torch_save
+from megatron_cola.errors import CheckpointError
 
 FORMAT = "megatron-cola-model"
 VERSION = 1
-LATEST_FILE = "latest"
-
-
-def model_file_name(tp_rank: int) -> str:
-    return f"model_tp{tp_rank:02d}.pt"
-
-
-def iteration_tag(iteration: int) -> str:
-    """Megatron's checkpoint directory name for ``iteration``."""
-    return f"iter_{iteration:07d}"
-
-
-def atomic_torch_save(obj: Any, path: str) -> None:
-    with atomic_open(path, "wb") as f:
-        torch.save(obj, f)
 
 
 def save_model_file(
@@ -74,51 +58,24 @@ def save_model_file(
     )
 
 
-def read_latest(load_dir: str) -> str | None:
-    """The tag named by ``{load_dir}/latest``, or ``None`` when there is no complete checkpoint."""
-    path = os.path.join(load_dir, LATEST_FILE)
-    if not os.path.exists(path):
-        return None
-    with open(path) as f:
-        return f.read().strip() or None
-
-
-def resolve_checkpoint_dir(load_dir: str, iteration: int | None = None) -> str:
-    """The directory of the checkpoint to read: ``iteration`` if given, else the one ``latest`` names."""
-    if not os.path.isdir(load_dir):
-        raise FileNotFoundError(f"checkpoint directory {load_dir} does not exist")
-    if iteration is not None:
-        tag = iteration_tag(iteration)
-    else:
-        tag = read_latest(load_dir)
-        if tag is None:
-            raise FileNotFoundError(
-                f"{load_dir} has no '{LATEST_FILE}' file: no complete checkpoint was saved there "
-                "(pass --iteration N to read a specific one)"
-            )
-    path = os.path.join(load_dir, tag)
-    if not os.path.isdir(path):
-        raise FileNotFoundError(f"checkpoint {path} does not exist")
-    return path
-
-
-def load_model_files(ckpt_dir: str) -> list[dict[str, Any]]:
-    """All TP ranks' model files of one checkpoint directory, checked for completeness."""
-    paths = sorted(glob.glob(os.path.join(ckpt_dir, "model_tp*.pt")))
+def load_model_files(reader: CheckpointReader) -> list[dict[str, Any]]:
+    """All TP ranks' model files of one checkpoint, checked for completeness."""
+    ckpt_dir = reader.dir
+    paths = reader.glob("model_tp*.pt")
     if not paths:
-        raise FileNotFoundError(f"{ckpt_dir} holds no model_tpNN.pt files (not a Megatron-CoLA checkpoint?)")
+        raise CheckpointError(f"{ckpt_dir} holds no model_tpNN.pt files (not a Megatron-CoLA checkpoint?)")
     files = []
     for p in paths:
-        obj = torch.load(p, map_location="cpu", weights_only=False)
+        obj = reader.load_torch(p)
         if not isinstance(obj, dict) or obj.get("format") != FORMAT:
-            raise ValueError(f"{p} is not a Megatron-CoLA model file")
+            raise CheckpointError(f"{p} is not a Megatron-CoLA model file")
         if obj.get("version") != VERSION:
-            raise ValueError(f"{p} has format version {obj.get('version')}, this code reads {VERSION}")
+            raise CheckpointError(f"{p} has format version {obj.get('version')}, this code reads {VERSION}")
         files.append(obj)
     tp_size = files[0]["tp_size"]
     ranks = sorted(f["tp_rank"] for f in files)
     if ranks != list(range(tp_size)):
-        raise FileNotFoundError(
+        raise CheckpointError(
             f"{ckpt_dir}: checkpoint was written with tensor-parallel size {tp_size} but holds the model "
             f"files of ranks {ranks}; a shard is missing"
         )
@@ -143,7 +100,7 @@ def load_full_state_dict(
     """Unsharded state dict and metadata (``args``, ``vocab_size``, ``iteration``, ``tokenizer``,
     ``tp_size``) of a checkpoint. With ``drop_vocab_padding`` the embedding and LM head are cut to the
     tokenizer's vocab size and ``args["vocab_size"]`` set to it."""
-    files = load_model_files(resolve_checkpoint_dir(load_dir, iteration))
+    files = load_model_files(CheckpointReader(load_dir, iteration))
     state = merge_tp_shards(files)
     meta = {k: files[0][k] for k in ("args", "vocab_size", "iteration", "tokenizer", "tp_size")}
     meta["args"] = dict(meta["args"])

@@ -1,0 +1,127 @@
+"""DeepSpeed's part of a checkpoint: engine/optimizer state with our client state, and the RNG states.
+
+``save_engine_state`` and ``load_engine_state`` wrap ``engine.save_checkpoint``/``load_checkpoint`` with
+Megatron's tags (``latest`` is ours, written by ``CheckpointWriter.commit``); ``gathered_state_dict``
+collects this rank's full parameters whatever the ZeRO stage, for the model files.
+"""
+
+from __future__ import annotations
+
+import random
+import re
+from typing import Any
+
+import numpy as np
+import torch
+
+from megatron_cola.checkpoint.io import CheckpointReader, CheckpointWriter
+from megatron_cola.checkpoint.layout import rng_file_name
+from megatron_cola.errors import CheckpointError
+
+
+def rng_state() -> dict[str, Any]:
+    """Python, numpy, torch (and CUDA) RNG states of this process."""
+    state = {"python": random.getstate(), "numpy": np.random.get_state(), "torch": torch.get_rng_state()}
+    if torch.cuda.is_available():
+        state["cuda"] = torch.cuda.get_rng_state()
+    return state
+
+
+def set_rng_state(state: dict[str, Any]) -> None:
+    """Restore what ``rng_state`` returned."""
+    random.setstate(state["python"])
+    np.random.set_state(state["numpy"])
+    torch.set_rng_state(state["torch"])
+    if "cuda" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state(state["cuda"])
+
+
+def save_rng_state(writer: CheckpointWriter, global_rank: int) -> None:
+    writer.save_torch(rng_file_name(global_rank), rng_state())
+
+
+def load_rng_state(reader: CheckpointReader, global_rank: int) -> bool:
+    """Restore this rank's RNG states if the checkpoint has them; returns whether it did."""
+    name = rng_file_name(global_rank)
+    if not reader.exists(name):
+        return False
+    set_rng_state(reader.load_torch(name))
+    return True
+
+
+def gathered_state_dict(engine: Any, zero_stage: int, keep: bool) -> dict[str, torch.Tensor]:
+    """This rank's (TP-local) full parameters, copied to CPU when ``keep`` (the writing rank).
+
+    Under ZeRO-3 every rank takes part in gathering, one block (or embedding/norm/head) at a time, so no
+    more than one layer is ever materialised beyond the shards.
+    """
+    module = engine.module
+    out: dict[str, torch.Tensor] = {}
+    if zero_stage < 3:
+        if keep:
+            out = {n: p.detach().to("cpu", copy=True) for n, p in module.named_parameters()}
+        return out
+    import deepspeed
+
+    units: list[tuple[str, torch.nn.Module]] = []
+    for name, child in module.named_children():
+        if isinstance(child, torch.nn.ModuleList):
+            units += [(f"{name}.{i}", sub) for i, sub in enumerate(child)]
+        else:
+            units.append((name, child))
+    for prefix, unit in units:
+        params = list(unit.parameters())
+        if not params:
+            continue
+        with deepspeed.zero.GatheredParameters(params, modifier_rank=None):
+            if keep:
+                for n, p in unit.named_parameters():
+                    out[f"{prefix}.{n}"] = p.detach().to("cpu", copy=True)
+    return out
+
+
+def save_engine_state(engine: Any, writer: CheckpointWriter, client_state: dict[str, Any]) -> None:
+    """DeepSpeed's engine, optimizer and scheduler state plus ``client_state`` into ``writer``'s directory."""
+    engine.save_checkpoint(writer.root, tag=writer.tag, client_state=client_state, save_latest=False)
+
+
+def engine_state_files(reader: CheckpointReader) -> dict[int, str]:
+    """``{tp rank: file holding the client state}``: ``mp_rank_XX_model_states.pt`` for ZeRO 0-2,
+    ``zero_pp_rank_0_mp_rank_XX_model_states.pt`` for ZeRO-3."""
+    out: dict[int, str] = {}
+    for path in reader.glob("*mp_rank_*_model_states.pt"):
+        m = re.search(r"(zero_pp_rank_(\d+)_)?mp_rank_(\d+)_model_states\.pt$", path)
+        if m and (m.group(2) is None or m.group(2) == "0"):
+            out.setdefault(int(m.group(3)), path)
+    return out
+
+
+def has_deepspeed_state(reader: CheckpointReader) -> bool:
+    """Whether the checkpoint holds DeepSpeed state (a resumable run) or only model files."""
+    return bool(engine_state_files(reader))
+
+
+def peek_client_state(reader: CheckpointReader) -> tuple[dict[str, Any], int]:
+    """The client state saved with the engine state, and the TP size it was saved with, read without
+    DeepSpeed (so an incompatible run can fail before the engine touches anything)."""
+    files = engine_state_files(reader)
+    if not files:
+        raise CheckpointError(f"{reader.dir} holds no DeepSpeed state (mp_rank_XX_model_states.pt)")
+    return reader.load_torch(files[min(files)]), len(files)
+
+
+def load_engine_state(engine: Any, reader: CheckpointReader, load_optimizer_states: bool) -> dict[str, Any]:
+    """Load DeepSpeed's state of ``reader``'s checkpoint into ``engine``; returns the client state.
+
+    The LR scheduler's state is always loaded: the schedule continues at the saved iteration even when
+    the optimizer starts afresh.
+    """
+    _, client_state = engine.load_checkpoint(
+        reader.root,
+        tag=reader.tag,
+        load_optimizer_states=load_optimizer_states,
+        load_lr_scheduler_states=True,
+    )
+    if client_state is None:
+        raise CheckpointError(f"DeepSpeed could not load {reader.dir}")
+    return client_state

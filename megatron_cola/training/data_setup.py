@@ -1,0 +1,57 @@
+"""The training side of the data: datasets from a ``TrainConfig``, data-parallel loaders, batch tensors."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+
+from megatron_cola.errors import DataError, MegatronColaError
+from megatron_cola.parallel import ParallelState
+from megatron_cola.training.train_config import TrainConfig
+
+
+def build_datasets(cfg: TrainConfig, vocab_size: int) -> tuple[Any, Any, Any]:
+    """Train, validation and test datasets (``None`` where the split is empty), sized for the whole run.
+
+    Every sample's token ids are bound-checked against the tokenizer's ``vocab_size`` as it is read, so data
+    tokenized with another tokenizer stops the run with a message naming the file, document and id."""
+    from megatron_cola.data import build_train_valid_test_datasets
+
+    gbs = cfg.global_batch_size
+    evals = cfg.train_iters // cfg.eval_interval + 1
+    num_samples = (cfg.train_iters * gbs, evals * cfg.eval_iters * gbs, cfg.eval_iters * gbs)
+    try:
+        return build_train_valid_test_datasets(
+            list(cfg.data_path),
+            cfg.split,
+            cfg.seq_length,
+            num_samples,
+            cfg.seed,
+            cfg.data_cache_path,
+            vocab_size=vocab_size,
+        )
+    except MegatronColaError:
+        raise
+    except (ValueError, FileNotFoundError) as e:  # the data layer's messages name the flag or file
+        raise DataError(str(e)) from e
+
+
+def make_loader(
+    cfg: TrainConfig, dataset: Any, consumed_samples: int, parallel: ParallelState
+) -> torch.utils.data.DataLoader:
+    """Micro-batches of this data-parallel rank, starting after ``consumed_samples`` global samples."""
+    from megatron_cola.data import PretrainingSampler
+
+    sampler = PretrainingSampler(
+        len(dataset), consumed_samples, cfg.micro_batch_size, parallel.dp_rank, parallel.dp_size
+    )
+    return torch.utils.data.DataLoader(
+        dataset, batch_sampler=sampler, num_workers=cfg.num_workers, pin_memory=False
+    )
+
+
+def tokens_and_labels(batch: dict[str, Any], device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
+    """Inputs and next-token targets of a micro-batch, on ``device``."""
+    text = torch.as_tensor(batch["text"]).long().to(device, non_blocking=True)  # (mbs, seq + 1)
+    return text[:, :-1].contiguous(), text[:, 1:].contiguous()

@@ -1,0 +1,70 @@
+"""The model, optimizer, LR schedule and DeepSpeed engine of a run."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+import torch.distributed as dist
+
+from megatron_cola.config import ModelArgs
+from megatron_cola.model import CoLALlama
+from megatron_cola.parallel import ParallelState
+from megatron_cola.training.ds_config import build_ds_config, save_ds_config
+from megatron_cola.training.logging_utils import print_rank_0
+from megatron_cola.training.schedule import build_scheduler
+from megatron_cola.training.train_config import TrainConfig
+
+
+def build_model(
+    seed: int, model_args: ModelArgs, parallel: ParallelState, device: torch.device
+) -> torch.nn.Module:
+    """The model on ``device``, TP-sharded when ``parallel.tp_size > 1``, initialised from ``seed``."""
+    with torch.device("meta"):
+        model = CoLALlama(model_args)
+    if parallel.tp_size > 1:
+        from megatron_cola.parallel import apply_tensor_parallel
+
+        apply_tensor_parallel(model, parallel)
+    model.to_empty(device=device)
+    model.init_weights(seed)  # every TP layout cuts its shards from the same full weights
+    return model
+
+
+def build_optimizer(cfg: TrainConfig, model: torch.nn.Module, device: torch.device) -> torch.optim.Optimizer:
+    """AdamW without weight decay on norms (Megatron's rule: 1-D parameters are not decayed)."""
+    decay = [p for p in model.parameters() if p.dim() >= 2]
+    no_decay = [p for p in model.parameters() if p.dim() < 2]
+    groups = [
+        {"params": decay, "weight_decay": cfg.weight_decay},
+        {"params": no_decay, "weight_decay": 0.0},
+    ]
+    betas = (cfg.adam_beta1, cfg.adam_beta2)
+    if device.type == "cuda":
+        try:
+            from deepspeed.ops.adam import FusedAdam
+
+            return FusedAdam(groups, lr=cfg.lr, betas=betas, eps=cfg.adam_eps, adam_w_mode=True)
+        except Exception as e:  # the op needs a CUDA toolchain to JIT-build
+            print_rank_0(f"DeepSpeed FusedAdam unavailable ({e}); using torch's fused AdamW")
+    return torch.optim.AdamW(groups, lr=cfg.lr, betas=betas, eps=cfg.adam_eps, fused=True)
+
+
+def build_engine(
+    cfg: TrainConfig, model: torch.nn.Module, parallel: ParallelState, device: torch.device
+) -> tuple[Any, Any]:
+    """``(engine, scheduler)``: the optimizer and schedule wrapped by ``deepspeed.initialize``; the
+    DeepSpeed config is written to ``--save`` by rank 0."""
+    import deepspeed
+
+    optimizer = build_optimizer(cfg, model, device)
+    scheduler = build_scheduler(
+        optimizer, cfg.lr, cfg.min_lr, cfg.lr_warmup_iters, cfg.lr_decay_iters, cfg.lr_decay_style
+    )
+    ds_config = build_ds_config(cfg)
+    if cfg.save and dist.get_rank() == 0:
+        save_ds_config(ds_config, cfg.save)
+    engine, _, _, _ = deepspeed.initialize(
+        model=model, optimizer=optimizer, lr_scheduler=scheduler, config=ds_config, mpu=parallel.mpu()
+    )
+    return engine, scheduler

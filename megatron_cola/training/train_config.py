@@ -1,0 +1,100 @@
+"""``TrainConfig``: the typed, frozen configuration of one pre-training run.
+
+Built and validated once from the flags by ``arguments.build_train_config``; everything below the entry
+point (Trainer, checkpointing, DeepSpeed config, data setup) reads this object, never an
+``argparse.Namespace``. Field names are the flags' ``dest`` names (``--micro-batch-size`` ->
+``micro_batch_size``); the last four fields are derived during validation.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Mapping
+from dataclasses import dataclass
+from typing import Any
+
+
+@dataclass(frozen=True)
+class TrainConfig:
+    # model
+    model_size: str
+    """Named size (``debug``, ``60M``, ...; see ``megatron_cola.config.SIZES``)."""
+    full_rank: bool
+    """Train the full-rank LLaMA baseline instead of CoLA."""
+    cola_rank: int | None
+    hidden_size: int | None
+    ffn_hidden_size: int | None
+    num_layers: int | None
+    num_attention_heads: int | None
+    """Overrides of the size's defaults (``None``: the size's value)."""
+    seq_length: int
+    recompute: str
+    """Activation recomputation: ``none``, ``full`` or ``cola-m``."""
+    make_vocab_size_divisible_by: int
+    # training
+    micro_batch_size: int
+    global_batch_size: int
+    train_iters: int
+    train_tokens: int | None
+    exit_interval: int | None
+    seed: int
+    bf16: bool
+    fp16: bool
+    zero_stage: int
+    tensor_model_parallel_size: int
+    deepspeed_config: str | None
+    deepspeed: bool
+    local_rank: int | None
+    device: str
+    # optimizer and schedule
+    lr: float
+    min_lr: float
+    lr_warmup_iters: int
+    lr_decay_iters: int
+    lr_decay_style: str
+    weight_decay: float
+    adam_beta1: float
+    adam_beta2: float
+    adam_eps: float
+    clip_grad: float
+    # data
+    data_path: tuple[str, ...]
+    """``PREFIX`` or ``WEIGHT PREFIX WEIGHT PREFIX ...``."""
+    split: str
+    data_cache_path: str | None
+    tokenizer_type: str
+    tokenizer_model: str | None
+    vocab_size: int | None
+    """Vocab of the ``NullTokenizer`` (``None`` for the others)."""
+    num_workers: int
+    # checkpoints, evaluation, logging
+    save: str | None
+    load: str | None
+    save_interval: int | None
+    finetune: bool
+    no_load_optim: bool
+    no_load_rng: bool
+    eval_interval: int
+    eval_iters: int
+    log_interval: int
+    tensorboard_dir: str | None
+    # derived
+    world_size: int
+    """Processes in the job (from the launcher's environment)."""
+    data_parallel_size: int
+    gradient_accumulation_steps: int
+    """Micro-batches per optimizer step on each data-parallel rank."""
+    user_ds_config: Mapping[str, Any] | None
+    """The parsed ``--deepspeed_config`` file, or ``None`` when the config is generated from the flags."""
+
+    @classmethod
+    def field_names(cls) -> list[str]:
+        return [f.name for f in dataclasses.fields(cls)]
+
+    def to_dict(self) -> dict[str, Any]:
+        """Plain values (tuples become lists), e.g. to record in a checkpoint."""
+        out = {}
+        for name in self.field_names():
+            value = getattr(self, name)
+            out[name] = list(value) if isinstance(value, tuple) else value
+        return out

@@ -1,0 +1,284 @@
+"""``Trainer``: one pre-training run on a DeepSpeed engine, laid out like Megatron's ``train()``.
+
+``setup`` builds the model (seeded, TP-sharded), optimizer, schedule and engine, resumes or loads
+weights, and builds the data; ``train_step`` runs one global batch; ``evaluate`` averages the loss over
+``--eval-iters`` batches; ``save`` writes a checkpoint; ``run`` is the loop. Between log intervals the
+losses and grad norms stay on the device (``StepLog``): the host waits for the device only when a line
+is printed, an evaluation runs or a checkpoint is written.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+import random
+import time
+from typing import Any
+
+import numpy as np
+import torch
+import torch.distributed as dist
+
+from megatron_cola.checkpoint import CheckpointReader
+from megatron_cola.checkpoint.deepspeed_state import has_deepspeed_state
+from megatron_cola.checkpoint.weights import adopt_architecture, load_weights_only
+from megatron_cola.config import ModelArgs
+from megatron_cola.data.tokenizers import AbstractTokenizer
+from megatron_cola.errors import ConfigError
+from megatron_cola.model.flops import training_flops_per_token
+from megatron_cola.parallel import ParallelState
+from megatron_cola.training import checkpointing
+from megatron_cola.training.data_setup import build_datasets, make_loader, tokens_and_labels
+from megatron_cola.training.engine import build_engine, build_model
+from megatron_cola.training.logging_utils import (
+    MetricsWriter,
+    format_train_line,
+    peak_memory_gb,
+    peak_tflops,
+    print_rank_0,
+)
+from megatron_cola.training.step_log import StepLog
+from megatron_cola.training.train_config import TrainConfig
+
+
+class Trainer:
+    """One pre-training run. ``Trainer(cfg, model_args, tokenizer, device).run()`` returns its history."""
+
+    def __init__(
+        self, cfg: TrainConfig, model_args: ModelArgs, tokenizer: AbstractTokenizer, device: torch.device
+    ) -> None:
+        self.cfg = cfg
+        self.model_args = model_args
+        self.tokenizer = tokenizer
+        self.device = device
+        self.iteration = 0
+        self.consumed_samples = 0
+        self.history: dict[str, Any] = {"train": [], "valid": [], "test": None}
+        self.loss_window: list[float] = []  # data-parallel mean losses of the steps since the last line
+
+    # ------------------------------------------------------------------------------------------ setup
+    def setup(self) -> None:
+        cfg = self.cfg
+        if dist.get_world_size() != cfg.world_size:
+            raise ConfigError(f"launcher world size {dist.get_world_size()} != expected {cfg.world_size}")
+        self.parallel = ParallelState.from_torch_distributed(cfg.tensor_model_parallel_size)
+        random.seed(cfg.seed)
+        np.random.seed(cfg.seed)
+        torch.manual_seed(cfg.seed)
+        print_rank_0(self._banner())
+        self._build_engine()
+        self.history["start_iteration"] = self.iteration
+        self.train_ds, self.valid_ds, self.test_ds = build_datasets(cfg, self.tokenizer.vocab_size)
+        self.writer = MetricsWriter(cfg.tensorboard_dir, enabled=dist.get_rank() == 0)
+        self.step_log = StepLog(self.parallel, self.writer)
+        self.split_dims = self._split_dims()
+        self.train_iter = None
+        if self.iteration < cfg.train_iters:
+            self.train_iter = iter(make_loader(cfg, self.train_ds, self.consumed_samples, self.parallel))
+
+    def _banner(self) -> str:
+        cfg, p = self.cfg, self.parallel
+        return (
+            f"> Megatron-CoLA: {cfg.model_size} {'full rank' if self.model_args.full_rank else 'CoLA'} "
+            f"({self.model_args.num_params() / 1e6:.1f}M params), world {cfg.world_size} = "
+            f"TP {p.tp_size} x DP {p.dp_size}, ZeRO-{cfg.zero_stage}, "
+            f"{'bf16' if cfg.bf16 else 'fp32'}, recompute={cfg.recompute}, device={self.device.type}, "
+            f"global batch {cfg.global_batch_size} = {cfg.micro_batch_size} x {p.dp_size} x "
+            f"{cfg.gradient_accumulation_steps}"
+        )
+
+    def _build_engine(self) -> None:
+        """Model (weights-only load when asked), optimizer, schedule, engine; then a full resume."""
+        cfg = self.cfg
+        reader = CheckpointReader.latest(cfg.load) if cfg.load else None
+        if cfg.load and reader is None:
+            print_rank_0(f"> no checkpoint in {cfg.load} yet: starting from scratch")
+        weights_only = reader is not None and (cfg.finetune or not has_deepspeed_state(reader))
+        if weights_only:
+            # Weights from elsewhere (an HF import, another layout): their architecture details win over
+            # the size's defaults (e.g. a Llama-2 import's rms_norm_eps, a Llama-3 import's rope_theta).
+            self.model_args, adopted = adopt_architecture(self.model_args, cfg.load)
+            if adopted:
+                print_rank_0(f"> from the checkpoint: {adopted}")
+        model = build_model(cfg.seed, self.model_args, self.parallel, self.device)
+        if weights_only:
+            load_weights_only(model, cfg.load, seed=cfg.seed, init_std=self.model_args.init_std)
+            print_rank_0(f"> loaded weights only from {cfg.load}/{reader.tag}; starting at iteration 0")
+        self.engine, self.scheduler = build_engine(cfg, model, self.parallel, self.device)
+        if reader is not None and not weights_only:
+            resumed = checkpointing.load_checkpoint(self.engine, cfg, self.model_args)
+            if resumed is not None:
+                self.iteration, self.consumed_samples = resumed
+                print_rank_0(f"> resumed from {cfg.load}/{reader.tag} at iteration {self.iteration}")
+
+    def _split_dims(self) -> dict[str, int]:
+        if self.parallel.tp_size == 1:
+            return {}
+        from megatron_cola.parallel import tp_split_dims
+
+        return tp_split_dims(self.engine.module)
+
+    # ------------------------------------------------------------------------------------------ steps
+    def train_step(self) -> None:
+        """One optimizer step over ``gradient_accumulation_steps`` micro-batches; no host sync."""
+        losses = []
+        for _ in range(self.cfg.gradient_accumulation_steps):
+            tokens, labels = tokens_and_labels(next(self.train_iter), self.device)
+            loss = self.engine(tokens, labels)
+            self.engine.backward(loss)
+            self.engine.step()
+            losses.append(loss.detach().float())
+        self.iteration += 1
+        self.consumed_samples += self.cfg.global_batch_size
+        lr = self.scheduler.get_last_lr()[0]
+        tokens_so_far = self.consumed_samples * self.cfg.seq_length
+        self.step_log.add(
+            self.iteration, tokens_so_far, torch.stack(losses).mean(), lr, self.engine.get_global_grad_norm()
+        )
+
+    def _flush_steps(self) -> None:
+        logged = self.step_log.flush()
+        self.history["train"] += logged
+        self.loss_window += [loss for _, loss in logged]
+
+    @torch.no_grad()
+    def evaluate(self, dataset: Any) -> float:
+        """Mean loss over ``eval_iters`` global batches (the same batches at every evaluation)."""
+        self.engine.eval()
+        it = iter(make_loader(self.cfg, dataset, 0, self.parallel))
+        losses = []
+        for _ in range(self.cfg.eval_iters * self.cfg.gradient_accumulation_steps):
+            tokens, labels = tokens_and_labels(next(it), self.device)
+            losses.append(self.engine(tokens, labels).float())
+        self.engine.train()
+        value = torch.stack(losses).mean().detach().clone()
+        if self.parallel.dp_size > 1:
+            dist.all_reduce(value, group=self.parallel.dp_group)
+            value /= self.parallel.dp_size
+        return float(value)
+
+    def _evaluate_and_log(self, name: str, dataset: Any) -> float:
+        self._flush_steps()
+        loss = self.evaluate(dataset)
+        ppl = math.exp(min(loss, 20.0))
+        line = (
+            f" {name} loss at iteration {self.iteration} | lm loss value: {loss:.6E} | "
+            f"lm loss PPL: {ppl:.6E} |"
+        )
+        bar = "-" * len(line)
+        print_rank_0(f"{bar}\n{line}\n{bar}")
+        tokens = self.consumed_samples * self.cfg.seq_length
+        record = {"iteration": self.iteration, "consumed_tokens": tokens, "lm_loss": loss, "ppl": ppl}
+        self.writer.write(name, record)
+        return loss
+
+    def save(self) -> str:
+        """Write a checkpoint of the current iteration into ``--save``."""
+        self._flush_steps()
+        tokenizer_model = os.path.abspath(self.cfg.tokenizer_model) if self.cfg.tokenizer_model else None
+        path = checkpointing.save_checkpoint(
+            self.engine,
+            self.cfg,
+            self.model_args,
+            self.parallel,
+            iteration=self.iteration,
+            consumed_samples=self.consumed_samples,
+            tokenizer_info={
+                "type": self.cfg.tokenizer_type,
+                "model": tokenizer_model,
+                "vocab_size": self.cfg.vocab_size,
+            },
+            vocab_size=self.tokenizer.vocab_size,
+            split_dims=self.split_dims,
+        )
+        print_rank_0(f"> saved checkpoint {path}")
+        return path
+
+    # ------------------------------------------------------------------------------------------ loop
+    def run(self) -> dict[str, Any]:
+        """Train to ``--train-iters`` (or ``--exit-interval``); returns the loss history."""
+        self.setup()
+        cfg = self.cfg
+        meter = _Throughput(cfg, self.model_args, self.device)
+        while self.iteration < cfg.train_iters:
+            self.train_step()
+            it = self.iteration
+            if it % cfg.log_interval == 0 or it == cfg.train_iters:
+                self._flush_steps()
+                meter.log(self)
+            if self.valid_ds is not None and cfg.eval_iters > 0 and it % cfg.eval_interval == 0:
+                self.history["valid"].append((it, self._evaluate_and_log("validation", self.valid_ds)))
+                meter.restart()
+            stop = cfg.exit_interval is not None and it % cfg.exit_interval == 0
+            if self._save_due(stop):
+                self.save()
+                meter.restart()
+            if stop:
+                print_rank_0(f"> exiting after iteration {it} (--exit-interval {cfg.exit_interval})")
+                break
+        self._flush_steps()
+        if self.iteration >= cfg.train_iters:
+            self._final_evaluations()
+        self.writer.close()
+        self.history["iteration"] = self.iteration
+        return self.history
+
+    def _save_due(self, stop: bool) -> bool:
+        """Every ``--save-interval``, before an ``--exit-interval`` exit, and at the last iteration."""
+        cfg, it = self.cfg, self.iteration
+        if not cfg.save:
+            return False
+        return bool(cfg.save_interval and it % cfg.save_interval == 0) or stop or it == cfg.train_iters
+
+    def _final_evaluations(self) -> None:
+        """Validation at the last iteration (unless the loop just did it) and the test split."""
+        if self.cfg.eval_iters == 0:
+            return
+        valid = self.history["valid"]
+        if self.valid_ds is not None and (not valid or valid[-1][0] != self.iteration):
+            valid.append((self.iteration, self._evaluate_and_log("validation", self.valid_ds)))
+        if self.test_ds is not None:
+            self.history["test"] = self._evaluate_and_log("test", self.test_ds)
+
+
+class _Throughput:
+    """Timing of the steps since the last log line, and the Megatron-shaped line itself."""
+
+    def __init__(self, cfg: TrainConfig, model_args: ModelArgs, device: torch.device) -> None:
+        self.cfg = cfg
+        self.device = device
+        self.flops_per_token = training_flops_per_token(model_args, cfg.seq_length)
+        self.peak = peak_tflops(device)
+        self.restart()
+
+    def restart(self) -> None:
+        """Evaluation and saving do not count as training time."""
+        self.start = time.perf_counter()
+
+    def log(self, trainer: Trainer) -> None:
+        """Print the line for the steps since the last one (losses averaged over them)."""
+        cfg, window = self.cfg, trainer.loss_window
+        if self.device.type == "cuda":
+            torch.cuda.synchronize()
+        step_time = (time.perf_counter() - self.start) / len(window)
+        tokens_per_s = cfg.global_batch_size * cfg.seq_length / step_time
+        tflops = self.flops_per_token * tokens_per_s / cfg.world_size / 1e12
+        metrics = {
+            "iteration": trainer.iteration,
+            "train_iters": cfg.train_iters,
+            "consumed_samples": trainer.consumed_samples,
+            "consumed_tokens": trainer.consumed_samples * cfg.seq_length,
+            "step_time_ms": 1000 * step_time,
+            "lr": trainer.scheduler.get_last_lr()[0],
+            "global_batch_size": cfg.global_batch_size,
+            "lm_loss": sum(window) / len(window),
+            "grad_norm": trainer.step_log.last_grad_norm,
+            "tokens_per_second": tokens_per_s,
+            "tflops_per_device": tflops,
+            "mfu": tflops / self.peak if self.peak else None,
+            "peak_memory_gb": peak_memory_gb(self.device),
+        }
+        print_rank_0(format_train_line(metrics))
+        trainer.writer.write("throughput", {k: v for k, v in metrics.items() if k != "train_iters"})
+        trainer.loss_window = []
+        self.restart()
