@@ -26,6 +26,8 @@ import torch.distributed as dist
 
 from megatron_cola.config import ModelArgs
 from megatron_cola.errors import CheckpointError  # noqa: F401  (re-exported)
+from megatron_cola.model.sharding import full_shape as sharded_full_shape
+from megatron_cola.model.sharding import load_full_
 from megatron_cola.model.transformer import param_seed
 from megatron_cola.training.model_files import (
     LATEST_FILE,
@@ -206,9 +208,9 @@ def load_weights_only(
             f"unexpected {unexpected[:5]} (was it saved with a different --model-size / --full-rank?)"
         )
     with torch.no_grad():
-        for name, param in own.items():
+        for name in own:
             full = state[name]
-            full_shape = tuple(getattr(param, "full_shape", param.shape))
+            full_shape = sharded_full_shape(model, name)
             if name in ("embed_tokens.weight", "lm_head.weight") and full.shape[0] != full_shape[0]:
                 # Different vocab padding: rows past the checkpoint's vocab get a fresh seeded init.
                 gen = torch.Generator().manual_seed(param_seed(seed, name))
@@ -220,9 +222,7 @@ def load_weights_only(
                 raise CheckpointError(
                     f"tensor {name}: checkpoint shape {tuple(full.shape)} != model shape {full_shape}"
                 )
-            shard_fn = getattr(param, "shard_fn", None)
-            value = shard_fn(full) if shard_fn is not None else full
-            param.copy_(value.to(dtype=param.dtype, device=param.device))
+            load_full_(model, name, full)  # this rank's shard of the full tensor
     return meta
 
 
