@@ -364,6 +364,23 @@ def check_deepspeed_grad_norm(state: ParallelState) -> None:
     torch.testing.assert_close(norm.reshape(()), ref_norm)
 
 
+def check_grouped_projections_bitwise(state: ParallelState) -> None:
+    """Per rank, grouping the local q/k/v (gate/up) slices into one GEMM changes no bit (fp32)."""
+    tokens, labels = batch(0)
+    for args in (debug_args(), debug_args(recompute="cola-m"), debug_args(full_rank=True)):
+        results = []
+        for grouped in (False, True):
+            model = apply_tensor_parallel(CoLALlama(args.replace(grouped_projections=grouped), seed=3), state)
+            logits = model(tokens)
+            loss = model(tokens, labels)
+            loss.backward()
+            results.append((logits, loss, {n: p.grad for n, p in model.named_parameters()}))
+        (ref_logits, ref_loss, ref_grads), (logits, loss, grads) = results
+        assert torch.equal(logits, ref_logits) and torch.equal(loss, ref_loss), args
+        for name in ref_grads:
+            assert torch.equal(grads[name], ref_grads[name]), (name, args.recompute, args.full_rank)
+
+
 TP2_CHECKS: dict[str, Callable[[ParallelState], None]] = {
     f.__name__.removeprefix("check_"): f
     for f in (
@@ -382,6 +399,7 @@ TP2_CHECKS: dict[str, Callable[[ParallelState], None]] = {
         check_cola_m_keeps_rank_slices,
         check_bf16_autocast_runs,
         check_deepspeed_grad_norm,
+        check_grouped_projections_bitwise,
     )
 }
 

@@ -90,7 +90,11 @@ class CoLALinear(nn.Module):
 
     def from_rank(self, a: torch.Tensor) -> torch.Tensor:
         """The rest of the map after A: ``B σ(a)`` (+ bias)."""
-        return F.linear(self.act_fn(a), self.weight_b, self.bias)
+        return self.from_activated(self.act_fn(a))
+
+    def from_activated(self, s: torch.Tensor) -> torch.Tensor:
+        """The map after σ: ``B s`` (+ bias)."""
+        return F.linear(s, self.weight_b, self.bias)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         a = rank_projection(x, (self.weight_a,), keep=self.keep_a_output)  # (..., rank): kept by CoLA-M
@@ -106,24 +110,29 @@ class CoLALinear(nn.Module):
 def project_shared_input(layers: Sequence[nn.Module], x: torch.Tensor) -> list[torch.Tensor]:
     """``[layer(x) for layer in layers]`` with the first GEMM of the layers grouped into one.
 
-    CoLA layers (``weight_a``, ``from_rank``: ``CoLALinear`` and its column-parallel twin) run their A's
-    as one GEMM over ``[A_1; A_2; ...]`` (kept as one tensor by CoLA-M), then each its own ``B σ``;
-    dense bias-free layers (``weight``) run as one GEMM over ``[W_1; W_2; ...]``. Outputs and gradients
-    equal the separate calls bitwise in fp32 (``grouped_linear``). Under tensor parallelism each rank
-    groups its local slices.
+    CoLA layers (``weight_a``, ``from_activated``: ``CoLALinear`` and its column-parallel twin) run
+    their A's as one GEMM over ``[A_1; A_2; ...]`` (kept as one tensor by CoLA-M) and σ as one
+    elementwise op, then each its own B; dense bias-free layers (``weight``) run as one GEMM over
+    ``[W_1; W_2; ...]``, and their output slices are made contiguous (a copy in eager, fused away under
+    ``torch.compile``) so that the elementwise work after them sees the plain path's layout. Outputs and
+    gradients equal the separate calls bitwise in fp32 (``grouped_linear``). Under tensor parallelism
+    each rank groups its local slices.
     """
     if all(hasattr(layer, "weight_a") for layer in layers):
         keep = {layer.keep_a_output for layer in layers}
-        if len(keep) != 1:
-            raise ValueError("grouped CoLA layers must agree on keep_a_output")
+        activation = {layer.activation for layer in layers}
+        if len(keep) != 1 or len(activation) != 1:
+            raise ValueError("grouped CoLA layers must agree on keep_a_output and activation")
         weights = [layer.weight_a for layer in layers]
         a = rank_projection(x, weights, keep=keep.pop())  # (..., sum of local ranks)
-        parts = a.split([w.shape[0] for w in weights], dim=-1)
-        return [layer.from_rank(part) for layer, part in zip(layers, parts)]
+        s = layers[0].act_fn(a)  # σ once over the group
+        parts = s.split([w.shape[0] for w in weights], dim=-1)
+        return [layer.from_activated(part) for layer, part in zip(layers, parts)]
     if any(getattr(layer, "bias", None) is not None or not hasattr(layer, "weight") for layer in layers):
         raise ValueError("grouped projections need CoLA layers or bias-free dense layers")
     weights = [layer.weight for layer in layers]
-    return list(grouped_linear(x, weights).split([w.shape[0] for w in weights], dim=-1))
+    out = grouped_linear(x, weights)  # (..., sum of outputs)
+    return [part.contiguous() for part in out.split([w.shape[0] for w in weights], dim=-1)]
 
 
 __all__ = ["CoLALinear", "cola_init_std", "get_activation", "project_shared_input"]

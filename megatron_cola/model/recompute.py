@@ -97,9 +97,8 @@ def _grouped_backward(
     if ctx.needs_input_grad[0]:
         parts = g.split(sizes, dim=-1)
         for part, w in zip(reversed(parts), reversed(weights)):
-            term = part @ w.to(dtype)
+            term = (part @ w.to(dtype)).to(x.dtype)  # each member's term cast back, as autocast does
             grad_x = term if grad_x is None else grad_x + term
-        grad_x = grad_x.to(x.dtype)
     grad_ws: list[torch.Tensor | None] = [None] * len(weights)
     if any(ctx.needs_input_grad[ctx.first_weight :]):
         gw = g.reshape(-1, g.shape[-1]).T @ x.to(dtype).reshape(-1, x.shape[-1])  # (sum r, d_in)

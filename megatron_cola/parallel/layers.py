@@ -14,8 +14,8 @@ sums of the rank-r pre-activation, reduce-scattered onto the rank slices; σ loc
 
 Both run A through ``megatron_cola.model.recompute.rank_projection``, so CoLA-M keeps the r/t slice of
 every A output (for o / down the reduce-scatter is the kept projection's ``post`` step and is not re-run
-in recomputation; the all-gathers of q/k/v/gate/up are). ``ColumnParallelCoLA.from_rank`` is the part
-after A, so q/k/v (gate/up) can group their local A slices into one GEMM
+in recomputation; the all-gathers of q/k/v/gate/up are). ``ColumnParallelCoLA.from_activated`` is the part
+after σ, so q/k/v (gate/up) can group their local A slices into one GEMM
 (``megatron_cola.model.cola_linear.project_shared_input``).
 
 ``ColumnParallelLinear`` / ``RowParallelLinear``: Megatron's dense scheme for the full-rank model and
@@ -146,8 +146,11 @@ class ColumnParallelCoLA(ShardedModule):
 
     def from_rank(self, a: torch.Tensor) -> torch.Tensor:
         """After A: σ on the local rank slice, all-gather, B: ``(..., r/t) -> (..., d_out/t)``."""
-        s = all_gather_last_dim(self.act_fn(a), self.group)  # (..., r)
-        return F.linear(s, self.weight_b)  # (..., d_out/t)
+        return self.from_activated(self.act_fn(a))
+
+    def from_activated(self, s: torch.Tensor) -> torch.Tensor:
+        """After σ: all-gather the rank slices, B: ``(..., r/t) -> (..., d_out/t)``."""
+        return F.linear(all_gather_last_dim(s, self.group), self.weight_b)  # (..., r) -> (..., d_out/t)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         # x: (..., d_in), replicated; the caller entered the TP region (copy_to_tp) once for q/k/v.
