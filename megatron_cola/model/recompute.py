@@ -37,6 +37,9 @@ from megatron_cola.config import RECOMPUTE_CHOICES
 
 Collective = Callable[[torch.Tensor], torch.Tensor]
 
+A_GEMM_RANGE = "cola_m.kept_a_gemm"
+"""Profiler range around each GEMM of a kept (CoLA-M) A projection."""
+
 # The region running on this thread / context (None outside CoLA-M regions), and where kept tensors are
 # also reported for measurement. Set and reset only by ``ColaMRegion.__call__`` / ``record_kept_tensors``.
 _ACTIVE_REGION: contextvars.ContextVar[ColaMRegion | None] = contextvars.ContextVar(
@@ -146,7 +149,9 @@ class _KeptProjection(torch.autograd.Function):
         if region is not None and region.replaying:
             return region.next_kept()
         dtype = ctx.autocast_dtype or x.dtype
-        with torch.autocast(x.device.type, enabled=False):
+        # The range names the only place the kept A GEMM runs (profiles, and the test that it is not
+        # re-run in backward, also under torch.compile).
+        with torch.autocast(x.device.type, enabled=False), torch.profiler.record_function(A_GEMM_RANGE):
             out = F.linear(x.to(dtype), _cat(weights).to(dtype))  # (..., sum r)
             if post is not None:
                 out = post(out)
@@ -232,6 +237,7 @@ def run_with_recompute(mode: str, fn: Callable[..., torch.Tensor], *args: Any) -
 
 
 __all__ = [
+    "A_GEMM_RANGE",
     "ColaMRegion",
     "check_recompute_mode",
     "grouped_linear",
