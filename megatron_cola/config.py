@@ -72,6 +72,9 @@ class ModelArgs:
     """Run the maps that read the same input as one GEMM: q/k/v and gate/up (CoLA: their A's; full rank:
     fused qkv and gate-up). Parameters and their names are unchanged; results are bitwise equal in fp32.
     A speed option only (see docs/performance.md)."""
+    chunked_loss: bool = False
+    """Compute the LM head and the loss together, a chunk of tokens at a time, without full-vocab logits
+    (``model/fused_loss.py``); single-rank only (tensor parallelism keeps its vocab-parallel loss)."""
 
     def __post_init__(self) -> None:
         self.validate()

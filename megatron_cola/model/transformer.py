@@ -17,6 +17,7 @@ from torch import nn
 
 from megatron_cola.config import ModelArgs
 from megatron_cola.model.cola_linear import CoLALinear, project_shared_input
+from megatron_cola.model.fused_loss import chunked_linear_cross_entropy
 from megatron_cola.model.layers import CrossEntropyLoss, RMSNorm, apply_rope, rope_cos_sin
 from megatron_cola.model.recompute import run_with_recompute
 from megatron_cola.model.sharding import ShardingPlan, load_full_
@@ -191,7 +192,10 @@ class CoLALlama(nn.Module):
         labels: torch.Tensor | None = None,
         loss_mask: torch.Tensor | None = None,
     ) -> torch.Tensor:
-        logits = self.lm_head(self.hidden_states(tokens))  # (B, T, V)
+        hidden = self.hidden_states(tokens)  # (B, T, d)
+        if labels is not None and self.args.chunked_loss and not self.sharding.is_sharded:
+            return chunked_linear_cross_entropy(hidden, self.lm_head.weight, labels, loss_mask)
+        logits = self.lm_head(hidden)  # (B, T, V)
         if labels is None:
             return self.gather_logits(logits)
         return self.loss_fn(logits, labels, loss_mask)
