@@ -13,6 +13,10 @@ from typing import Any
 
 ACTIVATIONS = ("silu", "gelu", "relu", "tanh", "identity")
 RECOMPUTE_CHOICES = ("none", "full", "cola-m")
+"""The activation-recomputation modes (``ModelArgs.recompute``, ``--recompute``); the one list of them."""
+EXECUTION_FIELDS = ("recompute", "grouped_projections", "chunked_loss")
+"""``ModelArgs`` fields that change how the model runs, not what it computes: a checkpoint saved with
+one value resumes with another (and checkpoints from before a field existed resume too)."""
 
 
 @dataclass(frozen=True)

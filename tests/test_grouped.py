@@ -91,3 +91,19 @@ def test_weights_drawn_once() -> None:
         CoLALlama(args, seed=1)
     matrices = sum(1 for p in CoLALlama(args).parameters() if p.dim() == 2)
     assert counter.n == matrices
+
+
+def test_checkpoint_from_before_the_speed_options_still_resumes() -> None:
+    """A checkpoint whose model args predate ``grouped_projections`` / ``chunked_loss`` (or used other
+    values) resumes: these fields change how the model runs, not what it computes."""
+    import argparse
+
+    from megatron_cola.config import EXECUTION_FIELDS
+    from megatron_cola.errors import CheckpointError
+    from megatron_cola.training.checkpointing import check_compatible
+
+    args = ModelArgs.from_size("debug", grouped_projections=True, chunked_loss=True)
+    old = {k: v for k, v in args.to_dict().items() if k not in EXECUTION_FIELDS}
+    check_compatible({"model_args": old, "args": {}}, argparse.Namespace(), args)
+    with pytest.raises(CheckpointError, match="cola_rank"):
+        check_compatible({"model_args": {**old, "cola_rank": 32}, "args": {}}, argparse.Namespace(), args)

@@ -24,7 +24,7 @@ import numpy as np
 import torch
 import torch.distributed as dist
 
-from megatron_cola.config import ModelArgs
+from megatron_cola.config import EXECUTION_FIELDS, ModelArgs
 from megatron_cola.errors import CheckpointError  # noqa: F401  (re-exported)
 from megatron_cola.model.sharding import full_shape as sharded_full_shape
 from megatron_cola.model.sharding import load_full_
@@ -245,7 +245,7 @@ def check_compatible(client_state: dict[str, Any], args: argparse.Namespace, mod
     """Refuse a resume whose flags would not continue the same run."""
     saved_model = dict(client_state.get("model_args", {}))
     ours = model_args.to_dict()
-    for key in ("recompute", "max_seq_length"):
+    for key in (*EXECUTION_FIELDS, "max_seq_length"):
         saved_model.pop(key, None)
         ours.pop(key, None)
     diffs = [
