@@ -104,6 +104,7 @@ def test_checkpoint_from_before_the_speed_options_still_resumes() -> None:
 
     args = ModelArgs.from_size("debug", grouped_projections=True, chunked_loss=True)
     old = {k: v for k, v in args.to_dict().items() if k not in EXECUTION_FIELDS}
-    check_compatible({"model_args": old, "args": {}}, argparse.Namespace(), args)
+    flags = argparse.Namespace(world_size=1, zero_stage=0, no_load_optim=False)
+    check_compatible({"model_args": old, "args": {}}, flags, args)
     with pytest.raises(CheckpointError, match="cola_rank"):
-        check_compatible({"model_args": {**old, "cola_rank": 32}, "args": {}}, argparse.Namespace(), args)
+        check_compatible({"model_args": {**old, "cola_rank": 32}, "args": {}}, flags, args)
