@@ -13,6 +13,10 @@ from typing import Any
 
 ACTIVATIONS = ("silu", "gelu", "relu", "tanh", "identity")
 RECOMPUTE_CHOICES = ("none", "full", "cola-m")
+"""The activation-recomputation modes (``ModelArgs.recompute``, ``--recompute``); the one list of them."""
+EXECUTION_FIELDS = ("recompute", "grouped_projections", "chunked_loss")
+"""``ModelArgs`` fields that change how the model runs, not what it computes: a checkpoint saved with
+one value resumes with another (and checkpoints from before a field existed resume too)."""
 
 
 @dataclass(frozen=True)
@@ -25,7 +29,7 @@ class _Size:
     gate_activation: bool  # whether CoLA keeps SwiGLU's own SiLU on the gate (60M/130M do, larger drop it)
 
 
-# The paper's sizes (docs/model.md, README.md). ``debug`` is ours: tiny, for tests and the CPU quickstart.
+# The paper's sizes (docs/model.md). ``debug`` is ours: tiny, for tests and the CPU quickstart.
 SIZES: dict[str, _Size] = {
     "debug": _Size(256, 688, 4, 4, 64, True),
     "60M": _Size(512, 1376, 8, 8, 128, True),
@@ -71,6 +75,13 @@ class ModelArgs:
     """Std of the embedding, LM head (and, in full rank, every linear weight)."""
     recompute: str = "none"
     """Activation recomputation: ``none``, ``full`` (whole block) or ``cola-m`` (keep rank-r activations)."""
+    grouped_projections: bool = False
+    """Run the maps that read the same input as one GEMM: q/k/v and gate/up (CoLA: their A's; full rank:
+    fused qkv and gate-up). Parameters and their names are unchanged; results are bitwise equal in fp32.
+    A speed option only (see docs/performance.md)."""
+    chunked_loss: bool = False
+    """Compute the LM head and the loss together, a chunk of tokens at a time, without full-vocab logits
+    (``model/fused_loss.py``); single-rank only (tensor parallelism keeps its vocab-parallel loss)."""
 
     def __post_init__(self) -> None:
         self.validate()

@@ -1,5 +1,6 @@
 """Shared helpers for the tests/test_data_*.py files (synthetic corpora, a tiny SentencePiece model, an
-independent struct-based MMIDIDX writer/parser written from the format spec in docs/data.md, running the tools)."""
+independent struct-based MMIDIDX writer/parser written from the format spec in docs/data.md, running the
+tools)."""
 
 from __future__ import annotations
 

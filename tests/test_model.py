@@ -9,7 +9,7 @@ import torch.nn.functional as F
 from megatron_cola.config import SIZES, ModelArgs
 from megatron_cola.model import CoLALinear, CoLALlama, build_model
 
-# The paper's sizes (docs/model.md's table), in millions.
+# The table of sizes in docs/model.md, in millions.
 EXPECTED_PARAMS = {
     "60M": (58.1, 42.8),
     "130M": (134.1, 94.0),

@@ -63,7 +63,8 @@ def test_cola_m_keeps_2d_plus_7r() -> None:
     assert none.elements_per_token > 4 * kept.elements_per_token
 
 
-def test_cola_m_does_not_recompute_a_gemms() -> None:
+@pytest.mark.parametrize("grouped", [False, True])
+def test_cola_m_does_not_recompute_a_gemms(grouped: bool) -> None:
     """Backward under CoLA-M runs exactly the GEMMs of backward without recompute, plus the forward B
     GEMMs of the recomputed region; the A GEMMs are served from the cache."""
     from torch.utils._python_dispatch import TorchDispatchMode
@@ -79,7 +80,9 @@ def test_cola_m_does_not_recompute_a_gemms() -> None:
             return func(*args, **(kwargs or {}))
 
     def backward_mms(mode: str) -> int:
-        args = ModelArgs.from_size("debug", vocab_size=300, num_layers=1, recompute=mode)
+        args = ModelArgs.from_size(
+            "debug", vocab_size=300, num_layers=1, recompute=mode, grouped_projections=grouped
+        )
         model = CoLALlama(args)
         tokens = torch.randint(0, 300, (1, 8))
         loss = model(tokens, tokens)
@@ -89,8 +92,9 @@ def test_cola_m_does_not_recompute_a_gemms() -> None:
         return counter.mm
 
     none, colam, full = backward_mms("none"), backward_mms("cola-m"), backward_mms("full")
-    # 7 CoLALinear per layer = 14 forward GEMMs. Whole-block recompute redoes 13 of them (the last,
-    # down's B, is skipped: the checkpoint stops early once every saved input is rebuilt). CoLA-M redoes
-    # only the B GEMMs whose outputs backward needs: q, k, v (attention) and gate, up (the product).
-    assert full - none == 13
+    # 7 CoLALinear per layer = 14 forward GEMMs (11 when q/k/v and gate/up A's are grouped). Whole-block
+    # recompute redoes all but the last (down's B: the checkpoint stops early once every saved input is
+    # rebuilt). CoLA-M redoes only the B GEMMs whose outputs backward needs: q, k, v (attention) and
+    # gate, up (the product); never an A GEMM.
+    assert full - none == (10 if grouped else 13)
     assert colam - none == 5

@@ -31,10 +31,12 @@ from megatron_cola.parallel import (
     all_gather_last_dim,
     apply_tensor_parallel,
     copy_to_tp,
+    full_shape,
     gather_from_tp_last_dim,
     reduce_from_tp,
     reduce_scatter_to_tp_last_dim,
     scatter_to_tp_last_dim,
+    shard_dim,
     tp_split_dims,
     vocab_parallel_cross_entropy,
 )
@@ -251,13 +253,22 @@ def check_layers_are_swapped(state: ParallelState) -> None:
     assert model.embed_tokens.weight.shape == (VOCAB // 2, d) == model.lm_head.weight.shape
     assert model.layers[0].input_layernorm.weight.shape == (d,)
     for p in (attn.q_proj.weight_a, mlp.down_proj.weight_b, model.embed_tokens.weight):
-        assert p.tensor_model_parallel and isinstance(p.full_shape, tuple)
+        assert p.tensor_model_parallel  # DeepSpeed's flag, written from the plan
     assert not hasattr(model.norm.weight, "tensor_model_parallel")
     assert set(tp_split_dims(model)) == {n for n, _ in model.named_parameters() if "norm" not in n}
+    assert shard_dim(model, "layers.0.self_attn.q_proj.weight_a") == 0
+    assert shard_dim(model, "layers.0.mlp.down_proj.weight_b") == 1
+    assert shard_dim(model, "norm.weight") is None
+    assert full_shape(model, "layers.0.mlp.down_proj.weight_a") == (r, f)
+    assert model.sharding.tp_size == 2 and not vars(attn.q_proj.weight_a).keys() - {
+        "tensor_model_parallel",
+        "partition_dim",
+        "partition_stride",
+    }
     h = torch.randn(2, 3, d, generator=torch.Generator().manual_seed(0))
     torch.testing.assert_close(mlp(x=h), mlp(h))  # the region-entry hook handles keyword calls too
     model.load_state_dict({k: v.clone() for k, v in model.state_dict().items()}, assign=True)
-    assert attn.q_proj.weight_a.tensor_model_parallel and attn.q_proj.weight_a.shard_fn.dim == 0
+    assert attn.q_proj.weight_a.tensor_model_parallel  # re-marked on the new Parameter objects
     with pytest.raises(ValueError, match="already tensor-parallel"):
         apply_tensor_parallel(model, state)
     with pytest.raises(ValueError, match="vocab_size 255 is not divisible by tensor-model-parallel size 2"):
@@ -277,7 +288,7 @@ def check_init_and_checkpoint_shards(state: ParallelState) -> None:
         with torch.device("meta"):
             meta = CoLALlama(args)
         meta = apply_tensor_parallel(meta, state)
-        meta.to_empty(device="cpu")  # replaces the Parameter objects; the twins re-tag them
+        meta.to_empty(device="cpu")  # may replace the Parameter objects: the plan is on the model
         assert tp_split_dims(meta) == tp_split_dims(model)
         meta.init_weights(7)
         for k, v in meta.state_dict().items():
@@ -353,6 +364,41 @@ def check_deepspeed_grad_norm(state: ParallelState) -> None:
     torch.testing.assert_close(norm.reshape(()), ref_norm)
 
 
+def check_grouped_projections_bitwise(state: ParallelState) -> None:
+    """Per rank, grouping the local q/k/v (gate/up) slices into one GEMM changes no bit (fp32)."""
+    tokens, labels = batch(0)
+    for args in (debug_args(), debug_args(recompute="cola-m"), debug_args(full_rank=True)):
+        results = []
+        for grouped in (False, True):
+            model = apply_tensor_parallel(CoLALlama(args.replace(grouped_projections=grouped), seed=3), state)
+            logits = model(tokens)
+            loss = model(tokens, labels)
+            loss.backward()
+            results.append((logits, loss, {n: p.grad for n, p in model.named_parameters()}))
+        (ref_logits, ref_loss, ref_grads), (logits, loss, grads) = results
+        assert torch.equal(logits, ref_logits) and torch.equal(loss, ref_loss), args
+        for name in ref_grads:
+            assert torch.equal(grads[name], ref_grads[name]), (name, args.recompute, args.full_rank)
+
+
+def check_compiled_blocks(state: ParallelState) -> None:
+    """Compiled TP blocks (collectives are graph breaks) compute what eager TP blocks do."""
+    from megatron_cola.model.compile import compile_blocks
+
+    tokens, labels = batch(0)
+    for args in (
+        debug_args(num_layers=1),
+        debug_args(num_layers=1, recompute="cola-m", grouped_projections=True),
+    ):
+        eager = apply_tensor_parallel(CoLALlama(args, seed=3), state)
+        compiled = compile_blocks(apply_tensor_parallel(CoLALlama(args, seed=3), state))
+        for model in (eager, compiled):
+            model(tokens, labels).backward()
+        torch.testing.assert_close(compiled(tokens, labels), eager(tokens, labels), rtol=1e-5, atol=0)
+        for (name, p), q in zip(compiled.named_parameters(), eager.parameters()):
+            torch.testing.assert_close(p.grad, q.grad, rtol=1e-4, atol=1e-6, msg=name)
+
+
 TP2_CHECKS: dict[str, Callable[[ParallelState], None]] = {
     f.__name__.removeprefix("check_"): f
     for f in (
@@ -371,6 +417,8 @@ TP2_CHECKS: dict[str, Callable[[ParallelState], None]] = {
         check_cola_m_keeps_rank_slices,
         check_bf16_autocast_runs,
         check_deepspeed_grad_norm,
+        check_grouped_projections_bitwise,
+        check_compiled_blocks,
     )
 }
 

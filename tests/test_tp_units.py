@@ -10,6 +10,7 @@ import pytest
 import torch
 
 from megatron_cola.config import ModelArgs
+from megatron_cola.errors import ConfigError
 from megatron_cola.model import CoLALlama
 from megatron_cola.model.layers import CrossEntropyLoss
 from megatron_cola.parallel import (
@@ -17,7 +18,7 @@ from megatron_cola.parallel import (
     ParallelState,
     apply_tensor_parallel,
     block_comm_bytes_per_token,
-    check_tensor_parallel_sizes,
+    check_tensor_parallel_size,
     comm_table,
     pad_vocab_size,
     tp_split_dims,
@@ -25,7 +26,7 @@ from megatron_cola.parallel import (
 )
 from megatron_cola.parallel.comm import block_comm_volume, model_comm_bytes
 from megatron_cola.parallel.counter import ring_factor
-from megatron_cola.parallel.state import check_world_size, data_parallel_ranks, tensor_parallel_ranks
+from megatron_cola.parallel.state import data_parallel_ranks, tensor_parallel_ranks
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -40,11 +41,11 @@ def test_layout_is_megatrons() -> None:
 
 def test_world_size_not_divisible_message() -> None:
     with pytest.raises(
-        ValueError, match=r"world size 3 is not divisible by --tensor-model-parallel-size 2; "
+        ConfigError, match=r"world size 3 is not divisible by --tensor-model-parallel-size 2; "
     ):
-        check_world_size(3, 2)
-    with pytest.raises(ValueError, match="positive integer"):
-        check_world_size(4, 0)
+        check_tensor_parallel_size(2, 3)
+    with pytest.raises(ConfigError, match="positive integer"):
+        check_tensor_parallel_size(0, 4)
 
 
 def test_single_state_and_mpu() -> None:
@@ -70,24 +71,28 @@ def test_ffn_not_divisible_names_the_flag() -> None:
         "ffn_hidden_size 5461 is not divisible by tensor-model-parallel size 2; "
         "pass --ffn-hidden-size 5462 (or another multiple of 2)"
     )
-    with pytest.raises(ValueError, match=msg.replace("(", r"\(").replace(")", r"\)")):
-        check_tensor_parallel_sizes(args, 2)
-    with pytest.raises(ValueError, match="--ffn-hidden-size 5464"):
-        check_tensor_parallel_sizes(args, 8)
-    check_tensor_parallel_sizes(args.replace(ffn_hidden_size=5464), 8)  # the suggested fix works
+    with pytest.raises(ConfigError, match=msg.replace("(", r"\(").replace(")", r"\)")):
+        check_tensor_parallel_size(2, model_args=args)
+    with pytest.raises(ConfigError, match="--ffn-hidden-size 5464"):
+        check_tensor_parallel_size(8, model_args=args)
+    check_tensor_parallel_size(8, model_args=args.replace(ffn_hidden_size=5464))  # the suggested fix works
 
 
 def test_heads_rank_vocab_not_divisible_messages() -> None:
     args = ModelArgs.from_size("debug", vocab_size=256)  # 4 heads, rank 64
     with pytest.raises(
-        ValueError, match=r"num_attention_heads 4 is not divisible by tensor-model-parallel size 3"
+        ConfigError, match=r"num_attention_heads 4 is not divisible by tensor-model-parallel size 3"
     ):
-        check_tensor_parallel_sizes(args.replace(ffn_hidden_size=690), 3)
-    with pytest.raises(ValueError, match=r"cola_rank 66 is not divisible .* size 4; pass --cola-rank 68"):
-        check_tensor_parallel_sizes(args.replace(cola_rank=66), 4)
-    with pytest.raises(ValueError, match=r"vocab_size 257 is not divisible .*--make-vocab-size-divisible-by"):
-        check_tensor_parallel_sizes(args.replace(vocab_size=257), 2)
-    check_tensor_parallel_sizes(args.replace(full_rank=True, cola_rank=66), 4)  # rank unused in full rank
+        check_tensor_parallel_size(3, model_args=args.replace(ffn_hidden_size=690))
+    with pytest.raises(ConfigError, match=r"cola_rank 66 is not divisible .* size 4; pass --cola-rank 68"):
+        check_tensor_parallel_size(4, model_args=args.replace(cola_rank=66))
+    with pytest.raises(
+        ConfigError, match=r"vocab_size 257 is not divisible .*--make-vocab-size-divisible-by"
+    ):
+        check_tensor_parallel_size(2, model_args=args.replace(vocab_size=257))
+    check_tensor_parallel_size(
+        4, model_args=args.replace(full_rank=True, cola_rank=66)
+    )  # rank unused in full rank
 
 
 def test_pad_vocab_size() -> None:

@@ -4,8 +4,11 @@
     python tools/bench_train.py --model-size 60M --seq-length 256 --micro-batch-size 4 \
         --variants full-rank cola cola:full cola:cola-m [--steps 5 --rounds 3] [--json out.json]
 
-Each variant is ``cola`` or ``full-rank``, optionally with ``:RECOMPUTE``. One step is forward, backward
-and a (fused) AdamW update of a single micro-batch, under bf16 autocast (``--dtype fp32`` to disable).
+Each variant is ``cola`` or ``full-rank``, optionally with ``:RECOMPUTE``, and optionally ``+grouped``
+(q/k/v and gate/up as one GEMM: ``ModelArgs.grouped_projections``), e.g. ``cola:cola-m+grouped``.
+``--compile`` compiles each decoder block with ``megatron_cola.model.compile.compile_blocks``.
+One step is forward, backward and a (fused) AdamW update of a single micro-batch, under bf16 autocast
+(``--dtype fp32`` to disable).
 Variants are timed in interleaved rounds so that a busy machine slows them alike; the table gives the
 median tokens/s and the ratio to the first variant. On CUDA it also reports peak memory and MFU.
 """
@@ -23,16 +26,20 @@ import torch
 
 from megatron_cola.config import ModelArgs
 from megatron_cola.model import build_model
+from megatron_cola.model.compile import compile_blocks
 from megatron_cola.model.flops import training_flops_per_token
 from megatron_cola.training.logging_utils import peak_tflops
 
 
 def parse_variant(spec: str, size: str, vocab: int | None, seq: int) -> tuple[str, ModelArgs]:
     """``(spec, ModelArgs)``; exits with a message on an unknown variant or size."""
-    name, _, recompute = spec.partition(":")
-    if name not in ("cola", "full-rank"):
-        raise SystemExit(f"bench_train.py: variant {spec!r}: expected cola or full-rank[:RECOMPUTE]")
-    overrides = {"recompute": recompute or "none", "max_seq_length": seq}
+    base, plus, option = spec.partition("+")
+    name, _, recompute = base.partition(":")
+    if name not in ("cola", "full-rank") or (plus and option != "grouped"):
+        raise SystemExit(
+            f"bench_train.py: variant {spec!r}: expected cola or full-rank[:RECOMPUTE][+grouped]"
+        )
+    overrides = {"recompute": recompute or "none", "max_seq_length": seq, "grouped_projections": bool(plus)}
     if vocab:
         overrides["vocab_size"] = vocab
     try:
@@ -53,7 +60,7 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--warmup", type=int, default=2)
     p.add_argument("--dtype", choices=["bf16", "fp32"], default="bf16")
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
-    p.add_argument("--compile", action="store_true", help="torch.compile each model")
+    p.add_argument("--compile", action="store_true", help="torch.compile each decoder block")
     p.add_argument("--json", default=None, help="also write the results here")
     ns = p.parse_args(argv)
     device = torch.device(ns.device)
@@ -64,7 +71,7 @@ def main(argv: list[str] | None = None) -> None:
         name, args = parse_variant(spec, ns.model_size, ns.vocab_size, ns.seq_length)
         model = build_model(args, seed=0, device=device)
         opt = torch.optim.AdamW(model.parameters(), lr=1e-4, fused=device.type in ("cuda", "cpu"))
-        fwd = torch.compile(model) if ns.compile else model
+        fwd = compile_blocks(model) if ns.compile else model
         runs[name] = {"args": args, "model": model, "opt": opt, "fwd": fwd, "times": [], "peak": 0.0}
     tokens = torch.randint(
         0,

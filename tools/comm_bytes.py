@@ -15,7 +15,7 @@ import argparse
 
 from megatron_cola.config import ModelArgs
 from megatron_cola.parallel.comm import block_comm_volume, comm_table, format_comm_table
-from megatron_cola.parallel.transform import check_tensor_parallel_sizes
+from megatron_cola.parallel.sizes import check_tensor_parallel_size
 
 DTYPE_BYTES = {"bf16": 2, "fp16": 2, "fp32": 4}
 
@@ -49,7 +49,7 @@ def main(argv: list[str] | None = None) -> None:
         )
         for t in a.tp:
             try:
-                check_tensor_parallel_sizes(args, t)
+                check_tensor_parallel_size(t, model_args=args)
             except ValueError as e:
                 print(f"  note, TP={t}: {e}")
 

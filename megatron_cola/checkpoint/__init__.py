@@ -14,7 +14,7 @@ Layout of a checkpoint root (``--save DIR``; Megatron's tags, DeepSpeed's files)
 Modules: ``layout`` (names, tags, markers), ``io`` (``CheckpointWriter``/``CheckpointReader``: every
 file of a checkpoint is written and read through them), ``model_files`` (the ZeRO-independent weight
 files), ``deepspeed_state`` (DeepSpeed engine state and RNG), ``weights`` (weights-only loading into
-any TP layout), ``sharding`` (how a parameter's full tensor maps to this rank's shard).
+any TP layout, through the model's sharding plan in ``megatron_cola.model.sharding``).
 """
 
 from megatron_cola.checkpoint.io import CheckpointReader, CheckpointWriter

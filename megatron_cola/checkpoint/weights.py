@@ -11,9 +11,9 @@ import torch
 
 from megatron_cola.checkpoint.io import CheckpointReader
 from megatron_cola.checkpoint.model_files import load_full_state_dict
-from megatron_cola.checkpoint.sharding import full_shape, load_full_
 from megatron_cola.config import ModelArgs
 from megatron_cola.errors import CheckpointError
+from megatron_cola.model.sharding import full_shape, load_full_
 from megatron_cola.model.transformer import param_seed
 
 # Architecture details a weights-only load takes from the checkpoint rather than from --model-size.

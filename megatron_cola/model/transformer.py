@@ -16,16 +16,24 @@ import torch.nn.functional as F
 from torch import nn
 
 from megatron_cola.config import ModelArgs
-from megatron_cola.model.cola_linear import CoLALinear, get_activation
+from megatron_cola.model.cola_linear import CoLALinear, get_activation, project_shared_input
+from megatron_cola.model.fused_loss import chunked_linear_cross_entropy
 from megatron_cola.model.layers import CrossEntropyLoss, RMSNorm, apply_rope, rope_cos_sin
 from megatron_cola.model.recompute import run_with_recompute
+from megatron_cola.model.sharding import ShardingPlan, load_full_
 
 
 def make_linear(args: ModelArgs, in_features: int, out_features: int) -> nn.Module:
     """The linear map of a block: ``CoLALinear`` for CoLA models, bias-free ``nn.Linear`` for full rank."""
     if args.full_rank:
         return nn.Linear(in_features, out_features, bias=False)
-    return CoLALinear(in_features, out_features, args.cola_rank, activation=args.cola_activation)
+    return CoLALinear(
+        in_features,
+        out_features,
+        args.cola_rank,
+        activation=args.cola_activation,
+        keep_a_output=args.recompute == "cola-m",
+    )
 
 
 class Attention(nn.Module):
@@ -33,6 +41,7 @@ class Attention(nn.Module):
         super().__init__()
         d = args.hidden_size
         self.head_dim = args.head_dim
+        self.grouped = args.grouped_projections
         self.q_proj = make_linear(args, d, d)
         self.k_proj = make_linear(args, d, d)
         self.v_proj = make_linear(args, d, d)
@@ -40,9 +49,12 @@ class Attention(nn.Module):
 
     def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
         bsz, seq, _ = x.shape
-        q = self.q_proj(x)  # (B, T, nh_local * hs)
-        k = self.k_proj(x)
-        v = self.v_proj(x)
+        if self.grouped:  # one GEMM over [A_q; A_k; A_v] (full rank: fused qkv)
+            q, k, v = project_shared_input((self.q_proj, self.k_proj, self.v_proj), x)
+        else:
+            q = self.q_proj(x)  # (B, T, nh_local * hs)
+            k = self.k_proj(x)
+            v = self.v_proj(x)
         q, k, v = (t.view(bsz, seq, -1, self.head_dim).transpose(1, 2) for t in (q, k, v))  # (B, nh, T, hs)
         q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
         y = F.scaled_dot_product_attention(q, k, v, is_causal=True)  # (B, nh, T, hs)
@@ -59,15 +71,19 @@ class MLP(nn.Module):
         d, f = args.hidden_size, args.ffn_hidden_size
         self.gate_activation = args.gate_activation
         self.gate_act_fn = get_activation(args.mlp_gate_act)
+        self.grouped = args.grouped_projections
         self.gate_proj = make_linear(args, d, f)
         self.up_proj = make_linear(args, d, f)
         self.down_proj = make_linear(args, f, d)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        gate = self.gate_proj(x)
-        if self.gate_activation:
+        if self.grouped:  # one GEMM over [A_gate; A_up] (full rank: fused gate-up)
+            gate, up = project_shared_input((self.gate_proj, self.up_proj), x)
+        else:
+            gate, up = self.gate_proj(x), self.up_proj(x)
+        if self.gate_activation:  # the one place the SwiGLU gate activation is applied
             gate = self.gate_act_fn(gate)
-        return self.down_proj(gate * self.up_proj(x))
+        return self.down_proj(gate * up)
 
 
 class DecoderLayer(nn.Module):
@@ -101,23 +117,33 @@ class CoLALlama(nn.Module):
     """A LLaMA decoder whose linear maps are CoLA bottlenecks (or dense, when ``args.full_rank``).
 
     ``model(tokens)`` returns logits ``(B, T, vocab)``; ``model(tokens, labels)`` returns the mean
-    next-token loss (fp32). Build on the meta device for inspection (``with torch.device("meta")``),
-    then ``to_empty`` and ``init_weights(seed)`` to materialise.
+    next-token loss (fp32). The modules are always built on the meta device and the weights drawn once,
+    by ``init_weights(seed)``, on the device the constructor is called for (the current default device;
+    none under ``with torch.device("meta")``, for inspection: then ``to_empty`` and ``init_weights``).
+
+    ``sharding`` is the model's ``ShardingPlan``: empty for a plain model, filled by
+    ``apply_tensor_parallel`` with how each parameter is cut from its full tensor.
     """
 
     def __init__(self, args: ModelArgs, seed: int = 1234) -> None:
         super().__init__()
         args.validate()
         self.args = args
-        self.embed_tokens = nn.Embedding(args.vocab_size, args.hidden_size)
-        self.layers = nn.ModuleList(DecoderLayer(args) for _ in range(args.num_layers))
-        self.norm = RMSNorm(args.hidden_size, args.norm_eps)
-        self.lm_head = nn.Linear(args.hidden_size, args.vocab_size, bias=False)
+        self.sharding = ShardingPlan()
+        device = torch.empty(0).device  # honours an enclosing ``with torch.device(...)``
+        with torch.device("meta"):  # no weights drawn here: init_weights draws each once
+            self.embed_tokens = nn.Embedding(args.vocab_size, args.hidden_size)
+            self.layers = nn.ModuleList(DecoderLayer(args) for _ in range(args.num_layers))
+            self.norm = RMSNorm(args.hidden_size, args.norm_eps)
+            self.lm_head = nn.Linear(args.hidden_size, args.vocab_size, bias=False)
         self.loss_fn: nn.Module = CrossEntropyLoss()
         # Tensor parallelism swaps these: a gather of vocab-sharded logits, a vocab-parallel loss.
         self.gather_logits: nn.Module = nn.Identity()
         self._rope_cache: dict[tuple[int, torch.device], tuple[torch.Tensor, torch.Tensor]] = {}
-        if self.embed_tokens.weight.device.type != "meta":
+        # load_state_dict(assign=True) replaces Parameter objects: re-mark DeepSpeed's TP flags on them.
+        self.register_load_state_dict_post_hook(_remark_after_load)
+        if device.type != "meta":
+            self.to_empty(device=device)
             self.init_weights(seed)
 
     # ------------------------------------------------------------------ weights
@@ -125,14 +151,14 @@ class CoLALlama(nn.Module):
     def init_weights(self, seed: int = 1234) -> None:
         """(Re)initialise every parameter from ``seed``, independently of device and parallel layout.
 
-        Each parameter draws from its own generator seeded by ``(seed, parameter name)``. A sharded
-        parameter (tensor parallelism) carries ``full_shape`` and ``shard_fn``: the full tensor is drawn
-        and the shard cut from it, so any layout starts from the same model.
+        Each parameter draws from its own generator seeded by ``(seed, parameter name)``. For a sharded
+        parameter (tensor parallelism, ``self.sharding``) the full tensor is drawn and the shard cut from
+        it (``load_full_``), so any layout starts from the same model.
         """
         for module_name, module in self.named_modules():
             for pname, param in module.named_parameters(recurse=False):
                 name = f"{module_name}.{pname}" if module_name else pname
-                full_shape = tuple(getattr(param, "full_shape", param.shape))
+                full_shape = self.sharding.full_shape(name, param)
                 if isinstance(module, RMSNorm):
                     full = torch.ones(full_shape)
                 elif pname == "bias":
@@ -141,9 +167,8 @@ class CoLALlama(nn.Module):
                     std = getattr(module, "init_std", self.args.init_std)
                     gen = torch.Generator().manual_seed(param_seed(seed, name))
                     full = torch.empty(full_shape).normal_(0.0, std, generator=gen)
-                shard_fn = getattr(param, "shard_fn", None)
-                value = shard_fn(full) if shard_fn is not None else full
-                param.copy_(value.to(device=param.device, dtype=param.dtype))
+                load_full_(self, name, full)
+        self.sharding.mark_parameters(self)
 
     def num_params(self) -> int:
         return sum(p.numel() for p in self.parameters())
@@ -169,10 +194,17 @@ class CoLALlama(nn.Module):
         labels: torch.Tensor | None = None,
         loss_mask: torch.Tensor | None = None,
     ) -> torch.Tensor:
-        logits = self.lm_head(self.hidden_states(tokens))  # (B, T, V)
+        hidden = self.hidden_states(tokens)  # (B, T, d)
+        if labels is not None and self.args.chunked_loss and not self.sharding.is_sharded:
+            return chunked_linear_cross_entropy(hidden, self.lm_head.weight, labels, loss_mask)
+        logits = self.lm_head(hidden)  # (B, T, V)
         if labels is None:
             return self.gather_logits(logits)
         return self.loss_fn(logits, labels, loss_mask)
+
+
+def _remark_after_load(module: CoLALlama, incompatible_keys: object) -> None:
+    module.sharding.mark_parameters(module)
 
 
 def param_seed(seed: int, name: str) -> int:
@@ -181,9 +213,6 @@ def param_seed(seed: int, name: str) -> int:
 
 
 def build_model(args: ModelArgs, seed: int = 1234, device: torch.device | str = "cpu") -> CoLALlama:
-    """Construct on the meta device, then materialise on ``device`` and initialise from ``seed``."""
-    with torch.device("meta"):
-        model = CoLALlama(args)
-    model.to_empty(device=device)
-    model.init_weights(seed)
-    return model
+    """Build ``CoLALlama(args)`` on ``device``, its weights drawn once from ``seed``."""
+    with torch.device(device):
+        return CoLALlama(args, seed=seed)

@@ -9,6 +9,7 @@ Typical use (after ``torch.distributed`` / ``deepspeed.init_distributed()``)::
 See docs/tensor_parallel.md for the scheme and its communication cost.
 """
 
+from megatron_cola.model.sharding import ShardingPlan, ShardSpec, full_shape, load_full_, shard_dim
 from megatron_cola.parallel.comm import block_comm_bytes_per_token, comm_table, model_comm_bytes
 from megatron_cola.parallel.counter import CommCounter, CommRecord
 from megatron_cola.parallel.cross_entropy import (
@@ -31,13 +32,12 @@ from megatron_cola.parallel.mappings import (
     reduce_scatter_to_tp_last_dim,
     scatter_to_tp_last_dim,
 )
-from megatron_cola.parallel.state import DeepSpeedMPU, ParallelState
-from megatron_cola.parallel.transform import (
-    apply_tensor_parallel,
-    check_tensor_parallel_sizes,
+from megatron_cola.parallel.sizes import (
+    check_tensor_parallel_size,
     pad_vocab_size,
-    tp_split_dims,
 )
+from megatron_cola.parallel.state import DeepSpeedMPU, ParallelState
+from megatron_cola.parallel.transform import apply_tensor_parallel, tp_split_dims
 
 __all__ = [
     "ColumnParallelCoLA",
@@ -49,20 +49,25 @@ __all__ = [
     "ParallelState",
     "RowParallelCoLA",
     "RowParallelLinear",
+    "ShardSpec",
+    "ShardingPlan",
     "VocabParallelCrossEntropy",
     "VocabParallelEmbedding",
     "all_gather_last_dim",
     "apply_tensor_parallel",
     "block_comm_bytes_per_token",
-    "check_tensor_parallel_sizes",
+    "check_tensor_parallel_size",
     "comm_table",
     "copy_to_tp",
+    "full_shape",
     "gather_from_tp_last_dim",
+    "load_full_",
     "model_comm_bytes",
     "pad_vocab_size",
     "reduce_from_tp",
     "reduce_scatter_to_tp_last_dim",
     "scatter_to_tp_last_dim",
+    "shard_dim",
     "tp_split_dims",
     "vocab_parallel_cross_entropy",
 ]

@@ -6,10 +6,10 @@ per token per block (``d`` hidden, ``f`` ffn, ``r`` CoLA rank; fwd + bwd):
 
 ``dense``  Megatron on the full-rank model: all-reduce of d after o and down (fwd) and at the attention
            and MLP inputs (bwd): 4 all-reduces of d.
-``cola``   ours: fwd 5 all-gathers of r (q, k, v, gate, up bottlenecks), 2 reduce-scatters
-           of r (o, down bottlenecks), 2 all-reduces of d (o, down outputs); bwd the conjugates: 5
-           reduce-scatters and 2 all-gathers of r, and 2 all-reduces of d at the attention / MLP inputs.
-           Ring bytes: ``(t-1)/t · (8 d + 14 r)`` elements vs dense ``(t-1)/t · 8 d``: ratio
+``cola``   ours (docs/tensor_parallel.md): fwd 5 all-gathers of r (q, k, v, gate, up bottlenecks),
+           2 reduce-scatters of r (o, down bottlenecks), 2 all-reduces of d (o, down outputs); bwd the
+           conjugates: 5 reduce-scatters and 2 all-gathers of r, and 2 all-reduces of d at the attention /
+           MLP inputs. Ring bytes: ``(t-1)/t · (8 d + 14 r)`` elements vs dense ``(t-1)/t · 8 d``: ratio
            ``1 + 1.75 r/d`` (1.4375 at the paper's r = d/4).
 ``naive``  CoLA with every layer split over r alone (A column-, B row-parallel): all-reduce of each
            layer's output (fwd) and input gradient (bwd, shared by q/k/v and by gate/up):
@@ -26,6 +26,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from megatron_cola.config import ModelArgs
+from megatron_cola.model.recompute import check_recompute_mode
 from megatron_cola.parallel.counter import ring_factor
 
 SCHEMES = ("cola", "dense", "naive")
@@ -88,8 +89,8 @@ def block_comm_volume(
         bwd = bwd + CommVolume(fwd.all_reduce - d, fwd.all_gather, fwd.reduce_scatter)
     elif recompute == "cola-m":
         bwd = bwd + CommVolume(fwd.all_reduce - 2 * d, fwd.all_gather, 0)
-    elif recompute != "none":
-        raise ValueError(f"unknown recompute mode {recompute!r}; allowed: ['none', 'full', 'cola-m']")
+    else:
+        check_recompute_mode(recompute)
     return fwd, bwd
 
 

@@ -13,25 +13,25 @@ sums of the rank-r pre-activation, reduce-scattered onto the rank slices; σ loc
 (columns, ``(d_out, r/t)``) gives partial sums of the output, all-reduced.
 
 Both run A through ``megatron_cola.model.recompute.rank_projection``, so CoLA-M keeps the r/t slice of
-every A output (for o / down the reduce-scatter is the projection's ``post`` step and is not re-run in
-recomputation; the all-gathers of q/k/v/gate/up are).
+every A output (for o / down the reduce-scatter is the kept projection's ``post`` step and is not re-run
+in recomputation; the all-gathers of q/k/v/gate/up are). ``ColumnParallelCoLA.from_activated`` is the part
+after σ, so q/k/v (gate/up) can group their local A slices into one GEMM
+(``megatron_cola.model.cola_linear.project_shared_input``).
 
 ``ColumnParallelLinear`` / ``RowParallelLinear``: Megatron's dense scheme for the full-rank model and
 the LM head. ``VocabParallelEmbedding``: rows split, masked lookup, all-reduce.
 
-Parameters keep the plain model's names (``weight_a``, ``weight_b``, ``weight``) and carry
-``full_shape``, ``shard_fn``, ``tp_split_dim`` (and ``tensor_model_parallel = True`` for DeepSpeed's
-norm code), so ``CoLALlama.init_weights`` cuts each shard from the full seeded weight; the twins
-re-attach these when ``to_empty`` (meta → device) or ``load_state_dict(assign=True)`` replaces a
-parameter object. ``in_features``, ``out_features`` and ``rank`` are the full (unsharded) sizes;
-``*_local`` the shard's.
+Parameters keep the plain model's names (``weight_a``, ``weight_b``, ``weight``). Each twin declares
+how its parameters are cut (``shard_specs``: local name -> ``ShardSpec``); ``apply_tensor_parallel``
+records them in the model's ``ShardingPlan``, which ``CoLALlama.init_weights`` and checkpoint code read
+(nothing is patched onto the parameters but DeepSpeed's ``tensor_model_parallel`` flag, written from the
+plan). ``in_features``, ``out_features`` and ``rank`` are the full (unsharded) sizes; ``*_local`` the
+shard's.
 """
 
 from __future__ import annotations
 
 import functools
-from collections.abc import Callable
-from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
@@ -40,47 +40,16 @@ from torch.distributed import ProcessGroup
 
 from megatron_cola.model.cola_linear import CoLALinear, cola_init_std, get_activation
 from megatron_cola.model.recompute import rank_projection
+from megatron_cola.model.sharding import ShardSpec
 from megatron_cola.parallel.mappings import (
     all_gather_last_dim,
     all_gather_last_dim_raw,
     copy_to_tp,
     reduce_from_tp,
     reduce_scatter_last_dim_raw,
+    reduce_scatter_to_tp_last_dim,
 )
 from megatron_cola.parallel.state import ParallelState
-
-
-@dataclass(frozen=True)
-class ShardSpec:
-    """This rank's shard of a ``full_shape`` tensor split in ``tp_size`` equal chunks along ``dim``.
-
-    Callable as a parameter's ``shard_fn``: ``full -> full.chunk(tp_size, dim)[tp_rank]`` (a view).
-    """
-
-    full_shape: tuple[int, ...]
-    dim: int
-    tp_size: int
-    tp_rank: int
-
-    @property
-    def local_shape(self) -> tuple[int, ...]:
-        shape = list(self.full_shape)
-        shape[self.dim] = _divide(shape[self.dim], self.tp_size, f"dim {self.dim} of {self.full_shape}")
-        return tuple(shape)
-
-    def __call__(self, full: torch.Tensor) -> torch.Tensor:
-        return full.chunk(self.tp_size, dim=self.dim)[self.tp_rank]
-
-    def tag(self, param: nn.Parameter) -> nn.Parameter:
-        """Attach the attributes init, checkpoints and DeepSpeed read to ``param``; returns it."""
-        param.full_shape = self.full_shape
-        param.tp_split_dim = self.dim
-        param.shard_fn = self
-        # Read by DeepSpeed's gradient-norm code (``is_model_parallel_parameter``) and Megatron-style tools.
-        param.tensor_model_parallel = True
-        param.partition_dim = self.dim
-        param.partition_stride = 1
-        return param
 
 
 def _divide(n: int, t: int, what: str) -> int:
@@ -89,42 +58,17 @@ def _divide(n: int, t: int, what: str) -> int:
     return n // t
 
 
-def sharded_parameter(
-    full_shape: tuple[int, ...],
-    dim: int,
-    state: ParallelState,
-    device: torch.device | str | None = None,
-    dtype: torch.dtype | None = None,
-) -> nn.Parameter:
-    """An uninitialised, tagged parameter holding this rank's shard of ``full_shape`` split on ``dim``."""
-    spec = ShardSpec(tuple(full_shape), dim, state.tp_size, state.tp_rank)
-    return spec.tag(nn.Parameter(torch.empty(spec.local_shape, device=device, dtype=dtype)))
-
-
-@torch.no_grad()
-def copy_shard_(param: nn.Parameter, full: torch.Tensor) -> None:
-    """Fill ``param`` with its shard of ``full`` (skipped on the meta device: nothing to copy)."""
-    if param.device.type == "meta" or full.device.type == "meta":
-        return
-    param.copy_(param.shard_fn(full))
-
-
-def _retag_after_load(module: nn.Module, incompatible_keys: object) -> None:
-    module.retag_sharded_parameters()
-
-
 class ShardedModule(nn.Module):
-    """Base of the sharded twins: keeps the TP attributes on its parameters.
+    """Base of the sharded twins: creates each shard-shaped parameter and declares how it is cut.
 
-    Some conversions replace a ``Parameter`` object by a fresh one without its attributes
-    (``to_empty`` from the meta device, ``load_state_dict(assign=True)``); the module therefore keeps
-    each shard's ``ShardSpec`` and re-tags its parameters after them.
+    ``shard_specs`` maps each local parameter name to its ``ShardSpec``; ``apply_tensor_parallel``
+    copies these into the model's ``ShardingPlan`` under the full parameter names. Nothing is attached
+    to the parameters themselves.
     """
 
     def __init__(self) -> None:
         super().__init__()
-        self._shard_specs: dict[str, ShardSpec] = {}
-        self.register_load_state_dict_post_hook(_retag_after_load)
+        self.shard_specs: dict[str, ShardSpec] = {}
 
     def _add_sharded(
         self,
@@ -135,21 +79,21 @@ class ShardedModule(nn.Module):
         device: torch.device | str | None,
         dtype: torch.dtype | None,
     ) -> nn.Parameter:
-        param = sharded_parameter(full_shape, dim, state, device, dtype)
-        self._shard_specs[name] = param.shard_fn
+        _divide(full_shape[dim], state.tp_size, f"dim {dim} of {full_shape}")
+        spec = ShardSpec(tuple(full_shape), dim, state.tp_size, state.tp_rank)
+        self.shard_specs[name] = spec
+        param = nn.Parameter(torch.empty(spec.local_shape, device=device, dtype=dtype))
         self.register_parameter(name, param)
         return param
 
-    def retag_sharded_parameters(self) -> None:
-        for name, spec in self._shard_specs.items():
-            param = getattr(self, name)
-            if getattr(param, "shard_fn", None) is not spec:
-                spec.tag(param)
-
-    def _apply(self, fn: Callable[[torch.Tensor], torch.Tensor], recurse: bool = True) -> ShardedModule:
-        out = super()._apply(fn, recurse)
-        self.retag_sharded_parameters()
-        return out
+    @torch.no_grad()
+    def copy_shards_from(self, dense: nn.Module) -> None:
+        """Fill each sharded parameter with its shard of ``dense``'s full tensor of the same name
+        (skipped on the meta device: nothing to copy)."""
+        for name, spec in self.shard_specs.items():
+            full, param = getattr(dense, name), getattr(self, name)
+            if param.device.type != "meta" and full.device.type != "meta":
+                param.copy_(spec.shard(full))
 
 
 class ColumnParallelCoLA(ShardedModule):
@@ -162,11 +106,13 @@ class ColumnParallelCoLA(ShardedModule):
         rank: int,
         state: ParallelState,
         activation: str = "silu",
+        keep_a_output: bool = False,
         device: torch.device | str | None = None,
         dtype: torch.dtype | None = None,
     ) -> None:
         super().__init__()
         self.in_features, self.out_features, self.rank = in_features, out_features, rank
+        self.keep_a_output = keep_a_output
         self.tp_size = state.tp_size
         self.rank_local = _divide(rank, state.tp_size, "cola_rank")
         self.out_features_local = _divide(out_features, state.tp_size, "out_features")
@@ -182,21 +128,34 @@ class ColumnParallelCoLA(ShardedModule):
             raise ValueError("tensor-parallel CoLA layers support bias=False only (CoLA models use none)")
         w = layer.weight_a
         twin = cls(
-            layer.in_features, layer.out_features, layer.rank, state, layer.activation, w.device, w.dtype
+            layer.in_features,
+            layer.out_features,
+            layer.rank,
+            state,
+            layer.activation,
+            layer.keep_a_output,
+            w.device,
+            w.dtype,
         )
-        copy_shard_(twin.weight_a, layer.weight_a)
-        copy_shard_(twin.weight_b, layer.weight_b)
+        twin.copy_shards_from(layer)
         return twin
 
     @property
     def init_std(self) -> float:
         return cola_init_std(self.in_features, self.out_features, self.rank)
 
+    def from_rank(self, a: torch.Tensor) -> torch.Tensor:
+        """After A: σ on the local rank slice, all-gather, B: ``(..., r/t) -> (..., d_out/t)``."""
+        return self.from_activated(self.act_fn(a))
+
+    def from_activated(self, s: torch.Tensor) -> torch.Tensor:
+        """After σ: all-gather the rank slices, B: ``(..., r/t) -> (..., d_out/t)``."""
+        return F.linear(all_gather_last_dim(s, self.group), self.weight_b)  # (..., r) -> (..., d_out/t)
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         # x: (..., d_in), replicated; the caller entered the TP region (copy_to_tp) once for q/k/v.
-        a = rank_projection(x, self.weight_a)  # (..., r/t): kept by CoLA-M
-        s = all_gather_last_dim(self.act_fn(a), self.group)  # (..., r)
-        return F.linear(s, self.weight_b)  # (..., d_out/t)
+        a = rank_projection(x, (self.weight_a,), keep=self.keep_a_output)  # (..., r/t): kept by CoLA-M
+        return self.from_rank(a)
 
     def extra_repr(self) -> str:
         return (
@@ -216,11 +175,13 @@ class RowParallelCoLA(ShardedModule):
         rank: int,
         state: ParallelState,
         activation: str = "silu",
+        keep_a_output: bool = False,
         device: torch.device | str | None = None,
         dtype: torch.dtype | None = None,
     ) -> None:
         super().__init__()
         self.in_features, self.out_features, self.rank = in_features, out_features, rank
+        self.keep_a_output = keep_a_output
         self.tp_size = state.tp_size
         self.rank_local = _divide(rank, state.tp_size, "cola_rank")
         self.in_features_local = _divide(in_features, state.tp_size, "in_features")
@@ -236,10 +197,16 @@ class RowParallelCoLA(ShardedModule):
             raise ValueError("tensor-parallel CoLA layers support bias=False only (CoLA models use none)")
         w = layer.weight_a
         twin = cls(
-            layer.in_features, layer.out_features, layer.rank, state, layer.activation, w.device, w.dtype
+            layer.in_features,
+            layer.out_features,
+            layer.rank,
+            state,
+            layer.activation,
+            layer.keep_a_output,
+            w.device,
+            w.dtype,
         )
-        copy_shard_(twin.weight_a, layer.weight_a)
-        copy_shard_(twin.weight_b, layer.weight_b)
+        twin.copy_shards_from(layer)
         return twin
 
     @property
@@ -249,13 +216,19 @@ class RowParallelCoLA(ShardedModule):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         # x: (..., d_in/t), this rank's heads / ffn shard.
         # A's output is a partial sum over the input shards (..., r); reduce-scatter it onto the rank
-        # slices (..., r/t). Both happen inside rank_projection, so CoLA-M keeps the r/t slice.
-        a = rank_projection(
-            x,
-            self.weight_a,
-            post=functools.partial(reduce_scatter_last_dim_raw, group=self.group, direction="forward"),
-            pre_backward=functools.partial(all_gather_last_dim_raw, group=self.group, direction="backward"),
-        )  # (..., r/t)
+        # slices (..., r/t). Under CoLA-M both happen inside the kept projection, so CoLA-M keeps the
+        # r/t slice and the reduce-scatter is not re-run in recomputation.
+        if self.keep_a_output:
+            group = self.group
+            a = rank_projection(
+                x,
+                (self.weight_a,),
+                keep=True,
+                post=functools.partial(reduce_scatter_last_dim_raw, group=group, direction="forward"),
+                pre_backward=functools.partial(all_gather_last_dim_raw, group=group, direction="backward"),
+            )  # (..., r/t)
+        else:
+            a = reduce_scatter_to_tp_last_dim(rank_projection(x, (self.weight_a,)), self.group)  # (..., r/t)
         y_partial = F.linear(self.act_fn(a), self.weight_b)  # (..., d_out): partial sum over r
         return reduce_from_tp(y_partial, self.group)  # (..., d_out)
 
@@ -299,7 +272,7 @@ class ColumnParallelLinear(ShardedModule):
             raise ValueError("tensor-parallel linear layers support bias=False only")
         w = layer.weight
         twin = cls(layer.in_features, layer.out_features, state, copy_input, w.device, w.dtype)
-        copy_shard_(twin.weight, w)
+        twin.copy_shards_from(layer)
         return twin
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -338,7 +311,7 @@ class RowParallelLinear(ShardedModule):
             raise ValueError("tensor-parallel linear layers support bias=False only")
         w = layer.weight
         twin = cls(layer.in_features, layer.out_features, state, w.device, w.dtype)
-        copy_shard_(twin.weight, w)
+        twin.copy_shards_from(layer)
         return twin
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -377,7 +350,7 @@ class VocabParallelEmbedding(ShardedModule):
     def from_dense(cls, layer: nn.Embedding, state: ParallelState) -> VocabParallelEmbedding:
         w = layer.weight
         twin = cls(layer.num_embeddings, layer.embedding_dim, state, w.device, w.dtype)
-        copy_shard_(twin.weight, w)
+        twin.copy_shards_from(layer)
         return twin
 
     def forward(self, tokens: torch.Tensor) -> torch.Tensor:
@@ -418,9 +391,6 @@ __all__ = [
     "CopyToTPHook",
     "RowParallelCoLA",
     "RowParallelLinear",
-    "ShardSpec",
     "ShardedModule",
     "VocabParallelEmbedding",
-    "copy_shard_",
-    "sharded_parameter",
 ]

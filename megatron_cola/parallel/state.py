@@ -17,28 +17,18 @@ from dataclasses import dataclass, field
 import torch.distributed as dist
 from torch.distributed import ProcessGroup
 
-
-def check_world_size(world_size: int, tp_size: int) -> None:
-    """Raise ``ValueError`` unless ``tp_size`` is a positive divisor of ``world_size``."""
-    if not isinstance(tp_size, int) or isinstance(tp_size, bool) or tp_size < 1:
-        raise ValueError(f"--tensor-model-parallel-size must be a positive integer, got {tp_size!r}")
-    if world_size % tp_size:
-        divisors = [k for k in range(1, world_size + 1) if world_size % k == 0]
-        raise ValueError(
-            f"world size {world_size} is not divisible by --tensor-model-parallel-size {tp_size}; "
-            f"launch a multiple of {tp_size} processes or pick a size from {divisors}"
-        )
+from megatron_cola.parallel.sizes import check_tensor_parallel_size
 
 
 def tensor_parallel_ranks(world_size: int, tp_size: int) -> list[list[int]]:
     """Global ranks of every TP group: consecutive blocks of ``tp_size``."""
-    check_world_size(world_size, tp_size)
+    check_tensor_parallel_size(tp_size, world_size)
     return [list(range(start, start + tp_size)) for start in range(0, world_size, tp_size)]
 
 
 def data_parallel_ranks(world_size: int, tp_size: int) -> list[list[int]]:
     """Global ranks of every DP group: the ranks sharing one TP rank (stride ``tp_size``)."""
-    check_world_size(world_size, tp_size)
+    check_tensor_parallel_size(tp_size, world_size)
     return [list(range(tp_rank, world_size, tp_size)) for tp_rank in range(tp_size)]
 
 
@@ -57,7 +47,7 @@ class ParallelState:
     dp_group: ProcessGroup | None = field(default=None, compare=False)
 
     def __post_init__(self) -> None:
-        check_world_size(self.world_size, self.tp_size)
+        check_tensor_parallel_size(self.tp_size, self.world_size)
         if not 0 <= self.rank < self.world_size:
             raise ValueError(f"rank {self.rank} is outside world size {self.world_size}")
         if self.world_size > 1 and (self.tp_group is None or self.dp_group is None):
@@ -87,7 +77,7 @@ class ParallelState:
                 "use ParallelState.single() for a one-process run"
             )
         world_size, rank = dist.get_world_size(), dist.get_rank()
-        check_world_size(world_size, tp_size)
+        check_tensor_parallel_size(tp_size, world_size)
         tp_group = dp_group = None
         for ranks in tensor_parallel_ranks(world_size, tp_size):
             group = dist.new_group(ranks=ranks, backend=backend)
@@ -202,7 +192,6 @@ class DeepSpeedMPU:
 __all__ = [
     "DeepSpeedMPU",
     "ParallelState",
-    "check_world_size",
     "data_parallel_ranks",
     "tensor_parallel_ranks",
 ]

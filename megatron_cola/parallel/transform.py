@@ -1,6 +1,6 @@
 """``apply_tensor_parallel``: turn a plain ``CoLALlama`` into this rank's tensor-parallel shard, in place.
 
-What is swapped (docs/tensor_parallel.md, "The scheme"):
+What is swapped (docs/tensor_parallel.md, "The CoLA scheme"):
 
 =====================  ==========================  ==========================
 module                 CoLA model                  full-rank model
@@ -17,15 +17,16 @@ Attention and each MLP get a forward pre-hook that enters the TP region (``copy_
 attention then runs on its local heads and SwiGLU on its local ffn shard. The shards are copied from
 the plain model's weights, so ``apply_tensor_parallel(CoLALlama(args, seed=s), state)`` computes what
 ``CoLALlama(args, seed=s)`` does, and ``model.init_weights(s)`` afterwards gives the same weights again.
-Parameter names are unchanged; ``tp_split_dims(model)`` lists the sharded ones for checkpoint files.
+Parameter names are unchanged; the model's ``sharding`` (a ``ShardingPlan``) records how each sharded
+one is cut, and ``tp_split_dims(model)`` lists their split dims for checkpoint files.
 """
 
 from __future__ import annotations
 
 from torch import nn
 
-from megatron_cola.config import ModelArgs
 from megatron_cola.model.cola_linear import CoLALinear
+from megatron_cola.model.sharding import ShardingPlan, sharding_plan
 from megatron_cola.model.transformer import MLP, Attention, CoLALlama
 from megatron_cola.parallel.cross_entropy import GatherLogits, VocabParallelCrossEntropy
 from megatron_cola.parallel.layers import (
@@ -34,57 +35,17 @@ from megatron_cola.parallel.layers import (
     CopyToTPHook,
     RowParallelCoLA,
     RowParallelLinear,
+    ShardedModule,
     VocabParallelEmbedding,
+)
+from megatron_cola.parallel.sizes import (
+    check_tensor_parallel_size,
+    pad_vocab_size,
 )
 from megatron_cola.parallel.state import ParallelState
 
 _COLUMN = {"self_attn": ("q_proj", "k_proj", "v_proj"), "mlp": ("gate_proj", "up_proj")}
 _ROW = {"self_attn": ("o_proj",), "mlp": ("down_proj",)}
-
-
-def pad_vocab_size(vocab_size: int, divisible_by: int = 128, tp_size: int = 1) -> int:
-    """Megatron's ``--make-vocab-size-divisible-by``: the smallest multiple of ``divisible_by * tp_size``
-    that is at least ``vocab_size`` (e.g. ``pad_vocab_size(50257, 128, 2) == 50432``)."""
-    if vocab_size < 1 or divisible_by < 1 or tp_size < 1:
-        raise ValueError(
-            f"pad_vocab_size needs positive sizes, got vocab_size={vocab_size}, "
-            f"divisible_by={divisible_by}, tp_size={tp_size}"
-        )
-    multiple = divisible_by * tp_size
-    return -(-vocab_size // multiple) * multiple
-
-
-def _next_multiple(n: int, k: int) -> int:
-    return -(-n // k) * k
-
-
-def check_tensor_parallel_sizes(args: ModelArgs, tp_size: int) -> None:
-    """Raise ``ValueError`` (naming the flag that fixes it) if ``args`` cannot be split ``tp_size`` ways."""
-    if not isinstance(tp_size, int) or isinstance(tp_size, bool) or tp_size < 1:
-        raise ValueError(f"--tensor-model-parallel-size must be a positive integer, got {tp_size!r}")
-    t = tp_size
-    if args.num_attention_heads % t:
-        divisors = [k for k in range(1, args.num_attention_heads + 1) if args.num_attention_heads % k == 0]
-        raise ValueError(
-            f"num_attention_heads {args.num_attention_heads} is not divisible by tensor-model-parallel "
-            f"size {t}; use --tensor-model-parallel-size in {divisors} (or change --num-attention-heads)"
-        )
-    if not args.full_rank and args.cola_rank % t:
-        raise ValueError(
-            f"cola_rank {args.cola_rank} is not divisible by tensor-model-parallel size {t}; pass "
-            f"--cola-rank {_next_multiple(args.cola_rank, t)} (or another multiple of {t})"
-        )
-    if args.ffn_hidden_size % t:
-        raise ValueError(
-            f"ffn_hidden_size {args.ffn_hidden_size} is not divisible by tensor-model-parallel size {t}; "
-            f"pass --ffn-hidden-size {_next_multiple(args.ffn_hidden_size, t)} (or another multiple of {t})"
-        )
-    if args.vocab_size % t:
-        raise ValueError(
-            f"vocab_size {args.vocab_size} is not divisible by tensor-model-parallel size {t}; pad it with "
-            f"--make-vocab-size-divisible-by (Megatron's padding to a multiple of that times {t}; "
-            f"e.g. {pad_vocab_size(args.vocab_size, 128, t)} with 128)"
-        )
 
 
 def _swap_column(layer: nn.Module, state: ParallelState) -> nn.Module:
@@ -110,9 +71,9 @@ def apply_tensor_parallel(model: CoLALlama, state: ParallelState) -> CoLALlama:
     materialised model (the shards are copied from its weights) and on one built on the meta device
     (then ``to_empty`` and ``init_weights(seed)`` as usual).
     """
-    check_tensor_parallel_sizes(model.args, state.tp_size)
-    if getattr(model, "tp_size", 1) != 1:
-        raise ValueError(f"model is already tensor-parallel (tp_size={model.tp_size})")
+    check_tensor_parallel_size(state.tp_size, model_args=model.args)
+    if model.sharding.is_sharded:
+        raise ValueError(f"model is already tensor-parallel (tp_size={model.sharding.tp_size})")
     if state.tp_size == 1:
         return model
     group = state.tp_group
@@ -130,19 +91,20 @@ def apply_tensor_parallel(model: CoLALlama, state: ParallelState) -> CoLALlama:
     model.lm_head = ColumnParallelLinear.from_dense(model.lm_head, state, copy_input=True)
     model.loss_fn = VocabParallelCrossEntropy(group)
     model.gather_logits = GatherLogits(group)
-    model.tp_size = state.tp_size
-    model.tp_rank = state.tp_rank
+    plan = ShardingPlan(tp_size=state.tp_size, tp_rank=state.tp_rank)
+    for module_name, module in model.named_modules():
+        if isinstance(module, ShardedModule):
+            for local_name, spec in module.shard_specs.items():
+                plan.add(f"{module_name}.{local_name}", spec)
+    model.sharding = plan
+    plan.mark_parameters(model)
     return model
 
 
 def tp_split_dims(model: nn.Module) -> dict[str, int]:
     """``{parameter name: dim}`` of every tensor-parallel-sharded parameter (for the model files)."""
-    return {name: int(p.tp_split_dim) for name, p in model.named_parameters() if hasattr(p, "tp_split_dim")}
+    return sharding_plan(model).split_dims()
 
 
-__all__ = [
-    "apply_tensor_parallel",
-    "check_tensor_parallel_sizes",
-    "pad_vocab_size",
-    "tp_split_dims",
-]
+# check_tensor_parallel_size and pad_vocab_size live in parallel/sizes.py; re-exported for older imports.
+__all__ = ["apply_tensor_parallel", "check_tensor_parallel_size", "pad_vocab_size", "tp_split_dims"]

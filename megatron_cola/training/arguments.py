@@ -16,6 +16,7 @@ from typing import Any
 from megatron_cola.config import RECOMPUTE_CHOICES, SIZES, ModelArgs
 from megatron_cola.data.tokenizers import TOKENIZER_TYPES
 from megatron_cola.errors import ConfigError
+from megatron_cola.parallel.sizes import check_tensor_parallel_size
 from megatron_cola.parallel.transform import pad_vocab_size  # noqa: F401  (re-exported)
 from megatron_cola.training.train_config import TrainConfig
 
@@ -210,13 +211,7 @@ validate_args = build_train_config
 
 def _check_batch_and_parallel(v: dict[str, Any]) -> None:
     tp, world_size = v["tensor_model_parallel_size"], v["world_size"]
-    if tp < 1:
-        raise ArgumentError(f"--tensor-model-parallel-size must be >= 1, got {tp}")
-    if world_size % tp:
-        raise ArgumentError(
-            f"world size {world_size} is not divisible by --tensor-model-parallel-size {tp}; "
-            f"launch a multiple of {tp} processes or change the TP size"
-        )
+    check_tensor_parallel_size(tp, world_size=world_size)
     v["data_parallel_size"] = dp = world_size // tp
     mbs = v["micro_batch_size"]
     if mbs < 1:

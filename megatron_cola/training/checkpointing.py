@@ -22,7 +22,7 @@ from megatron_cola.checkpoint.deepspeed_state import (
     save_engine_state,
     save_rng_state,
 )
-from megatron_cola.config import ModelArgs
+from megatron_cola.config import EXECUTION_FIELDS, ModelArgs
 from megatron_cola.errors import CheckpointError
 from megatron_cola.parallel import ParallelState
 from megatron_cola.training.train_config import TrainConfig
@@ -121,7 +121,7 @@ def check_compatible(client_state: dict[str, Any], cfg: TrainConfig, model_args:
     # A field the checkpoint predates has its default meaning (e.g. mlp_gate_act = silu).
     saved_model = {**ModelArgs.field_defaults(), **client_state.get("model_args", {})}
     ours = model_args.to_dict()
-    for key in ("recompute", "max_seq_length"):
+    for key in (*EXECUTION_FIELDS, "max_seq_length"):
         saved_model.pop(key, None)
         ours.pop(key, None)
     diffs = [

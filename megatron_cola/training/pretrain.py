@@ -20,6 +20,7 @@ import torch.distributed as dist
 
 from megatron_cola.data.tokenizers import AbstractTokenizer
 from megatron_cola.errors import DataError, MegatronColaError
+from megatron_cola.parallel.sizes import check_tensor_parallel_size
 from megatron_cola.training.arguments import (
     ArgumentError,
     build_train_config,
@@ -100,13 +101,7 @@ def pretrain(argv: list[str] | None = None) -> dict[str, Any]:
     model_args = model_args_from(
         cfg, pad_vocab_size(tokenizer.vocab_size, cfg.make_vocab_size_divisible_by, tp)
     )
-    if tp > 1:
-        from megatron_cola.parallel import check_tensor_parallel_sizes
-
-        try:
-            check_tensor_parallel_sizes(model_args, tp)
-        except ValueError as e:
-            raise ArgumentError(str(e)) from e
+    check_tensor_parallel_size(tp, model_args=model_args)
     _prepare_launch_env()  # LOCAL_RANK etc. for srun / single process, before picking the GPU
     device = _resolve_device(cfg.device)
 
