@@ -11,6 +11,7 @@ import sys
 
 import pytest
 
+from megatron_cola.errors import ConfigError
 from megatron_cola.training.arguments import ArgumentError, parse_args, validate_args
 from megatron_cola.training.ds_config import build_ds_config
 from megatron_cola.training.schedule import lr_at
@@ -77,7 +78,9 @@ def test_user_ds_config_kept_and_checked(synthetic_prefix: str, tmp_path) -> Non
     ],
 )
 def test_bad_flags_have_messages(synthetic_prefix: str, extra, world, message) -> None:
-    with pytest.raises(ArgumentError, match=message):
+    with pytest.raises(
+        ConfigError, match=message
+    ):  # ArgumentError, or the shared TP-size check's ConfigError
         args_for(synthetic_prefix, *extra, world_size=world)
 
 
