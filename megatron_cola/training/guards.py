@@ -6,7 +6,7 @@ rank puts four flags into one small tensor and the ranks take their maximum with
 ====  ===========================================================================================
 0     a micro-batch loss of this step is NaN/Inf on this rank (``--check-for-nan-in-loss-and-grad``)
 1     this rank's gradients are not finite (only where DeepSpeed's optimizer does not check them)
-2     SIGTERM or SIGUSR1 arrived (``--exit-signal-handler``)
+2     the number of the signal (SIGTERM or SIGUSR1) that arrived (``--exit-signal-handler``), else 0
 3     ``--exit-duration-in-mins`` has passed on this rank's clock
 ====  ===========================================================================================
 
@@ -61,6 +61,10 @@ class ExitSignalHandler:
         self._previous = {}
 
 
+def _no_step(*args: Any, **kwargs: Any) -> None:
+    """Stands in for the plain torch optimizer's ``step`` during a skipped step."""
+
+
 @dataclass
 class Verdict:
     """The ranks' agreed decision for one step."""
@@ -107,26 +111,30 @@ class RunGuard:
             flags[0] = (~torch.isfinite(torch.stack(losses))).any().float()
         if self.own_grad_check:
             flags[1] = (~torch.isfinite(self._grad_norm())).float()
-        host = [self.signals is not None and self.signals.received is not None, self._time_is_up()]
+        received = self.signals.received if self.signals is not None else None
+        host = [float(received or 0), float(self._time_is_up())]
         flags[2:] = torch.tensor(host, dtype=torch.float32).to(self.device)
         if dist.is_initialized() and dist.get_world_size() > 1:
             dist.all_reduce(flags, op=dist.ReduceOp.MAX)
-        loss_bad, grad_bad, signalled, time_up = (v > 0 for v in flags.tolist())
-        verdict = Verdict(skip=loss_bad or grad_bad)
-        if signalled:
-            name = self.signals.received.name if self.signals and self.signals.received else "a signal"
+        loss_bad, grad_bad, signum, time_up = flags.tolist()
+        verdict = Verdict(skip=loss_bad > 0 or grad_bad > 0)
+        if signum > 0:  # the highest signal number any rank received
+            name = signal.Signals(int(signum)).name
             verdict.exit_reason = f"{name} received (--exit-signal-handler)"
-        elif time_up:
+        elif time_up > 0:
             verdict.exit_reason = f"--exit-duration-in-mins {self.cfg.exit_duration_in_mins} reached"
         if verdict.skip and self.own_grad_check:
-            self.engine.zero_grad()  # no gradients: the optimizer updates nothing
-            self.engine.optimizer.overflow = True  # DeepSpeed counts the skip and holds the LR schedule
+            # Hold this one step: DeepSpeed still clips and zeroes the gradients, the optimizer's step
+            # is a no-op, and ``overflow`` makes DeepSpeed count the skip and hold the LR schedule.
+            self.engine.optimizer.step = _no_step
+            self.engine.optimizer.overflow = True
         return verdict
 
     def after_step(self, verdict: Verdict, iteration: int) -> bool:
         """Count the step; returns whether it was skipped. Raises ``TrainingError`` after too many."""
         if self.own_grad_check:
             self.engine.optimizer.overflow = False
+            self.engine.optimizer.__dict__.pop("step", None)  # the optimizer's own step again
         applied = self.engine.was_step_applied()
         if verdict.skip and applied:
             print_rank_0(
