@@ -195,3 +195,38 @@ def test_exit_duration_saves_and_exits_0(synthetic_prefix: str, tmp_path) -> Non
     assert proc.returncode == 0, out[-3000:]
     assert "exiting after iteration 1 (--exit-duration-in-mins 0.0001 reached)" in out
     assert (ckpt / "latest").read_text().strip() == "iter_0000001"
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("sig", [signal.SIGUSR1, signal.SIGTERM])
+def test_signal_to_mpirun_saves_and_exits_0(synthetic_prefix: str, tmp_path, sig) -> None:
+    """Open MPI's mpirun passes SIGUSR1 to every rank, and on SIGTERM sends the ranks SIGTERM before it
+    kills them: either way they save at the iteration they reached (skipped without Open MPI/mpi4py)."""
+    import shutil
+
+    from .conftest import free_port
+
+    mpirun = shutil.which("mpirun")
+    if mpirun is None:
+        pytest.skip("Open MPI is not installed (apt-get install openmpi-bin libopenmpi-dev)")
+    pytest.importorskip("mpi4py")
+    ckpt, tb = tmp_path / "ckpt", tmp_path / "tb"
+    cmd = [mpirun, "-np", "2", "--oversubscribe", "-x", "OMP_NUM_THREADS=1", "-x", "PYTHONPATH"]
+    cmd += ["-x", "PYTHONUNBUFFERED=1", "-x", f"MASTER_PORT={free_port()}"]
+    if os.geteuid() == 0:
+        cmd.append("--allow-run-as-root")
+    cmd += [sys.executable, str(ROOT / "pretrain_cola.py")]
+    cmd += synthetic_args(
+        synthetic_prefix, "--train-iters", "200", "--save", str(ckpt), "--tensorboard-dir", str(tb)
+    )
+    env = {**dist_env(), "PYTHONUNBUFFERED": "1"}
+    proc = subprocess.Popen(cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    lines = wait_for_line(proc, " iteration        2/")
+    proc.send_signal(sig)
+    out = finish(proc, lines)
+    stopped = max(losses(tb))
+    assert f"received {sig.name}" in out, out[-3000:]
+    assert 2 <= stopped < 200
+    assert (ckpt / "latest").read_text().strip() == f"iter_{stopped:07d}", out[-3000:]
+    if sig == signal.SIGUSR1:
+        assert proc.returncode == 0, out[-3000:]

@@ -266,7 +266,10 @@ def _requeued(cluster: Cluster, job_id: str, restarts: int) -> bool:
     if info.get("Restarts") != str(restarts):
         return False
     if info.get("JobState") == "PENDING":
-        cluster.run("scontrol", "update", f"JobId={job_id}", "StartTime=now", check=False)
+        # Not "now": slurmd refuses a batch launch whose credential dates from the second the requeue
+        # revoked the previous one ("Job credential revoked"), which a requeue issued by the script as
+        # its ranks exit (after they saved on SIGUSR1) would otherwise hit.
+        cluster.run("scontrol", "update", f"JobId={job_id}", "StartTime=now+2", check=False)
     return info.get("JobState") in ("RUNNING", "COMPLETED")
 
 
