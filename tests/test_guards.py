@@ -114,13 +114,18 @@ def test_guard_defaults_and_switches(synthetic_prefix: str) -> None:
 
 # ---------------------------------------------------------------------------------------------- NaN
 @pytest.mark.slow
-@pytest.mark.parametrize("zero", ["0", "1"])
-def test_nan_guard_skips_counts_and_stops_without_bad_latest(synthetic_prefix: str, tmp_path, zero) -> None:
+@pytest.mark.parametrize("zero, precision", [("0", []), ("1", []), ("2", ["--bf16"])])
+def test_nan_guard_skips_counts_and_stops_without_bad_latest(
+    synthetic_prefix: str, tmp_path, zero: str, precision: list[str]
+) -> None:
     """``--lr 1e6``: the loss goes NaN, the steps are skipped and counted, the run stops with an error
     after 3 in a row, and ``latest`` still names the finite checkpoint of iteration 1. ZeRO-0 in fp32
-    is the path where DeepSpeed's optimizer has no overflow check and the guard holds the step."""
+    is the path where DeepSpeed's optimizer has no overflow check and the guard holds the step; bf16
+    ZeRO-2 relies on ``bf16.check_grad_overflow``, which the generated config sets."""
     ckpt, tb = tmp_path / "ckpt", tmp_path / "tb"
-    args = synthetic_args(synthetic_prefix, "--train-iters", "10", "--lr", "1e6", "--zero-stage", zero)
+    args = synthetic_args(
+        synthetic_prefix, "--train-iters", "10", "--lr", "1e6", "--zero-stage", zero, *precision
+    )
     args += ["--save", str(ckpt), "--save-interval", "1", "--tensorboard-dir", str(tb)]
     args += ["--max-consecutive-skipped-iters", "3"]
     proc = single(args)

@@ -260,15 +260,19 @@ def test_sbatch_srun_mode_trains_from_outside_the_repo(srun_run: dict) -> None:
     assert (tmp / f"submit-{name}" / f"{name}-{job_id}.out").exists()
 
 
+_LIFTED: set[tuple[str, int]] = set()  # requeued jobs whose start delay was lifted
+
+
 def _requeued(cluster: Cluster, job_id: str, restarts: int) -> bool:
     """True once the job was requeued ``restarts`` times; lifts Slurm's start delay of requeued jobs."""
     info = cluster.job(job_id)
     if info.get("Restarts") != str(restarts):
         return False
-    if info.get("JobState") == "PENDING":
-        # Not "now": slurmd refuses a batch launch whose credential dates from the second the requeue
-        # revoked the previous one ("Job credential revoked"), which a requeue issued by the script as
-        # its ranks exit (after they saved on SIGUSR1) would otherwise hit.
+    if info.get("JobState") == "PENDING" and (job_id, restarts) not in _LIFTED:
+        # Once, and not "now": slurmd refuses a batch launch whose credential dates from the second the
+        # requeue revoked the previous one ("Job credential revoked"), which a requeue issued by the
+        # script as its ranks exit (after they saved on SIGUSR1) would otherwise hit.
+        _LIFTED.add((job_id, restarts))
         cluster.run("scontrol", "update", f"JobId={job_id}", "StartTime=now+2", check=False)
     return info.get("JobState") in ("RUNNING", "COMPLETED")
 
