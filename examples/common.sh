@@ -18,7 +18,7 @@
 #   GLOBAL_BATCH [512]   SEQ_LENGTH [256]   RECOMPUTE [none|full|cola-m]   FULL_RANK=1 for the LLaMA baseline
 #   WARMUP, TRAIN_ITERS, SPLIT [969,30,1], DEVICE [auto], SAVE_INTERVAL, EVAL_INTERVAL, EVAL_ITERS, LOG_INTERVAL
 #   OMP_NUM_THREADS [1]  threads per rank (torchrun's default; set it higher for CPU-heavy data work)
-#   EXIT_SIGNAL_HANDLER [0]   see env.sh
+#   EXIT_SIGNAL_HANDLER [1]   see env.sh
 #   LAUNCHER [deepspeed]  how the ranks start:
 #     deepspeed  python -m deepspeed.launcher.runner (single node: local, no ssh; HOSTFILE: pdsh/ssh)
 #     torchrun   torch.distributed.run (c10d rendezvous at MASTER_ADDR:MASTER_PORT; run it on every node)
@@ -84,7 +84,7 @@ fi
 if [[ -n "${DEVICE:-}" ]]; then args+=(--device "$DEVICE"); fi
 if [[ "$FULL_RANK" == 1 ]]; then args+=(--full-rank); fi
 if [[ -n "${FFN_HIDDEN_SIZE:-}" ]]; then args+=(--ffn-hidden-size "$FFN_HIDDEN_SIZE"); fi
-if [[ "$EXIT_SIGNAL_HANDLER" == 1 ]]; then args+=(--exit-signal-handler); fi
+if [[ "$EXIT_SIGNAL_HANDLER" == 1 ]]; then args+=(--exit-signal-handler); else args+=(--no-exit-signal-handler); fi
 if [[ -n "${EXTRA_ARGS:-}" ]]; then
   read -r -a extra_words <<< "$EXTRA_ARGS"
   args+=("${extra_words[@]}")

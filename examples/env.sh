@@ -7,7 +7,8 @@
 #                With the venv, $REPO_DIR/.venv/bin is also put first on PATH, so deepspeed, torchrun and
 #                the ranks all come from the same environment whichever launcher starts them.
 #   MASTER_PORT  when unset on a single node: a free port (other jobs may hold 29500); multi-node: 29500
-#   EXIT_SIGNAL_HANDLER [0]  1 adds --exit-signal-handler (SIGTERM/SIGUSR1: every rank saves and exits 0)
+#   EXIT_SIGNAL_HANDLER [1]  1: --exit-signal-handler (SIGTERM/SIGUSR1: every rank saves and exits 0);
+#                            0: --no-exit-signal-handler (a signal stops the ranks at once)
 
 REPO_DIR="${REPO_DIR:-$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)}"
 export REPO_DIR
@@ -27,10 +28,11 @@ if [[ -z "${PYTHON:-}" ]]; then
 fi
 export PYTHON
 
-# The switch for Megatron's --exit-signal-handler in pretrain_cola.py. Off until pretrain_cola.py has the
-# flag (the reliability work adds it); turn it on here, then SIGTERM (scancel, preemption) and SIGUSR1
-# (#SBATCH --signal ahead of the time limit) make every rank save at the next step and exit 0.
-EXIT_SIGNAL_HANDLER="${EXIT_SIGNAL_HANDLER:-0}"
+# The switch for Megatron's --exit-signal-handler in pretrain_cola.py (on by default there too): SIGTERM
+# (scancel, preemption) and SIGUSR1 (#SBATCH --signal ahead of the time limit) make every rank save at the
+# next step boundary and exit 0. 0 passes --no-exit-signal-handler, and the sbatch script then requeues
+# at once on SIGUSR1 instead of waiting for the ranks to save.
+EXIT_SIGNAL_HANDLER="${EXIT_SIGNAL_HANDLER:-1}"
 
 # cola_free_port: print a TCP port nobody listens on now (for a single-node rendezvous).
 cola_free_port() {

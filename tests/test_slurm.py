@@ -205,6 +205,13 @@ def _first_iteration(log: str) -> int:
     return int(found.group(1))
 
 
+def _last_iteration(log: str) -> int:
+    """The last iteration an attempt logged."""
+    found = re.findall(r"iteration\s+(\d+)/\s*\d+", log)
+    assert found, log[-3000:]
+    return int(found[-1])
+
+
 def _processes_of(save: Path) -> list[str]:
     """Command lines of live processes that mention ``save`` (launchers and ranks of that run)."""
     found = []
@@ -253,13 +260,20 @@ def test_sbatch_srun_mode_trains_from_outside_the_repo(srun_run: dict) -> None:
     assert (tmp / f"submit-{name}" / f"{name}-{job_id}.out").exists()
 
 
+_LIFTED: set[tuple[str, int]] = set()  # requeued jobs whose start delay was lifted
+
+
 def _requeued(cluster: Cluster, job_id: str, restarts: int) -> bool:
     """True once the job was requeued ``restarts`` times; lifts Slurm's start delay of requeued jobs."""
     info = cluster.job(job_id)
     if info.get("Restarts") != str(restarts):
         return False
-    if info.get("JobState") == "PENDING":
-        cluster.run("scontrol", "update", f"JobId={job_id}", "StartTime=now", check=False)
+    if info.get("JobState") == "PENDING" and (job_id, restarts) not in _LIFTED:
+        # Once, and not "now": slurmd refuses a batch launch whose credential dates from the second the
+        # requeue revoked the previous one ("Job credential revoked"), which a requeue issued by the
+        # script as its ranks exit (after they saved on SIGUSR1) would otherwise hit.
+        _LIFTED.add((job_id, restarts))
+        cluster.run("scontrol", "update", f"JobId={job_id}", "StartTime=now+2", check=False)
     return info.get("JobState") in ("RUNNING", "COMPLETED")
 
 
@@ -275,9 +289,10 @@ def _assert_resumed_exactly(records: list[tuple[int, float]]) -> None:
 def test_deepspeed_mode_scancel_resubmit_requeue_resume(
     cluster: Cluster, synthetic_prefix: str, srun_run: dict, tmp_path
 ) -> None:
-    """scancel of a deepspeed-mode job stops every process; the resubmitted job resumes from the last
-    periodic checkpoint; the time-limit signal requeues it (a new log) and it resumes and finishes, with
-    the losses of the uninterrupted srun-mode run."""
+    """scancel of a deepspeed-mode job stops every process after they saved at the iteration the SIGTERM
+    reached (--exit-signal-handler); the resubmitted job resumes from there; the time-limit signal makes
+    the ranks save at the iteration it reached, the job requeues itself (a new log) and resumes and
+    finishes, with the losses of the uninterrupted srun-mode run."""
     save, name = tmp_path / "ck", "cola-resume"
     env = {"LAUNCH_MODE": "deepspeed", "TRAIN_ITERS": str(ITERS), "SAVE_INTERVAL": "2"}
     job1 = _submit(cluster, tmp_path, name, save, synthetic_prefix, **env)
@@ -288,7 +303,10 @@ def test_deepspeed_mode_scancel_resubmit_requeue_resume(
     stopped_at = _latest(save)
     time.sleep(3)  # nothing keeps training (or saving) after the cancel
     assert _latest(save) == stopped_at and not _processes_of(save)
-    assert "stopping every rank" in _attempt_log(tmp_path, name, job1)
+    log1 = _attempt_log(tmp_path, name, job1)
+    assert "stopping every rank" in log1 and "received SIGTERM" in log1
+    # The save on the signal: at the last iteration trained, not only at the last periodic checkpoint.
+    assert stopped_at == _last_iteration(log1), log1[-3000:]
 
     job2 = _submit(cluster, tmp_path, name, save, synthetic_prefix, **env)
     _wait_for(lambda: _latest(save) > stopped_at, 180, "the resubmitted job to save")
@@ -302,10 +320,12 @@ def test_deepspeed_mode_scancel_resubmit_requeue_resume(
     )
     assert _latest(save) == ITERS and not _processes_of(save)
     # Each attempt's first logged iteration: the resubmitted job starts right after the checkpoint the
-    # cancel left, the requeued attempt right after a later periodic one (every 2 iterations).
-    assert _first_iteration(_attempt_log(tmp_path, name, job2, 0)) == stopped_at + 1
+    # cancel left, the requeued attempt right after the one its predecessor saved on SIGUSR1.
+    log2 = _attempt_log(tmp_path, name, job2, 0)
+    assert _first_iteration(log2) == stopped_at + 1
+    assert "received SIGUSR1" in log2
     requeued_from = _first_iteration(_attempt_log(tmp_path, name, job2, 1)) - 1
-    assert requeued_from > stopped_at and requeued_from % 2 == 0
+    assert requeued_from > stopped_at and requeued_from == _last_iteration(log2), log2[-3000:]
     records = _train_records(save)
     assert {it for it, _ in records} == set(range(1, ITERS + 1))
     _assert_resumed_exactly(records)

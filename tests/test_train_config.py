@@ -82,6 +82,7 @@ def test_step_log_defers_and_matches_per_step_values(tmp_path) -> None:
             "lm_loss": float(loss),
             "lr": 1e-3 * i,
             "grad_norm": float(norm),
+            "skipped": False,
         }
         for i, (loss, norm) in enumerate(zip(losses, norms), start=1)
     ]

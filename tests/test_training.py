@@ -43,7 +43,7 @@ def test_ds_config_matches_flags(synthetic_prefix: str) -> None:
     assert cfg["train_micro_batch_size_per_gpu"] == 4
     assert cfg["gradient_accumulation_steps"] == 4  # 32 = 4 x 2 ranks x 4
     assert cfg["gradient_clipping"] == 0.7
-    assert cfg["bf16"] == {"enabled": True}
+    assert cfg["bf16"] == {"enabled": True, "check_grad_overflow": True}
     assert cfg["zero_optimization"]["stage"] == 3
     assert "fp16" not in cfg and "optimizer" not in cfg
 

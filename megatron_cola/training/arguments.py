@@ -36,6 +36,7 @@ def build_parser() -> argparse.ArgumentParser:
     _add_optimizer_flags(p)
     _add_data_flags(p)
     _add_checkpoint_and_logging_flags(p)
+    _add_run_time_guard_flags(p)
     return p
 
 
@@ -130,6 +131,44 @@ def _add_data_flags(p: argparse.ArgumentParser) -> None:
     g.add_argument("--num-workers", type=int, default=0, help="DataLoader workers")
 
 
+def _add_run_time_guard_flags(p: argparse.ArgumentParser) -> None:
+    """The non-finite step guard, preemption and time limits (``training/guards.py``)."""
+    g = p.add_argument_group("run-time guards")
+    g.add_argument(
+        "--check-for-nan-in-loss-and-grad",
+        action=argparse.BooleanOptionalAction,
+        default=True,
+        help="skip the optimizer step on every rank when a loss or the grad norm is NaN/Inf (default on)",
+    )
+    g.add_argument(
+        "--max-consecutive-skipped-iters",
+        type=int,
+        default=5,
+        help="stop with an error after this many skipped (non-finite) iterations in a row",
+    )
+    g.add_argument(
+        "--exit-signal-handler",
+        action=argparse.BooleanOptionalAction,
+        default=True,
+        help="on SIGTERM/SIGUSR1 every rank saves at the next step boundary and exits 0 (default on)",
+    )
+    g.add_argument(
+        "--exit-duration-in-mins",
+        type=float,
+        default=None,
+        help="save and exit 0 once the run has been going this many minutes",
+    )
+
+
+def _check_run_time_guards(v: dict[str, Any]) -> None:
+    if v["max_consecutive_skipped_iters"] < 1:
+        raise ArgumentError(
+            f"--max-consecutive-skipped-iters must be >= 1, got {v['max_consecutive_skipped_iters']}"
+        )
+    if v["exit_duration_in_mins"] is not None and v["exit_duration_in_mins"] <= 0:
+        raise ArgumentError(f"--exit-duration-in-mins must be > 0, got {v['exit_duration_in_mins']}")
+
+
 def _add_checkpoint_and_logging_flags(p: argparse.ArgumentParser) -> None:
     g = p.add_argument_group("checkpoints, evaluation, logging")
     g.add_argument("--save", default=None, help="checkpoint directory")
@@ -196,6 +235,7 @@ def build_train_config(args: argparse.Namespace, world_size: int | None = None) 
     _check_batch_and_parallel(v)
     _check_schedule(v)
     _check_intervals(v)
+    _check_run_time_guards(v)
     _check_data_and_tokenizer(v)
     _reconcile_deepspeed_config(v)
     if v["finetune"] and not v["load"]:
@@ -234,6 +274,7 @@ def _check_schedule(v: dict[str, Any]) -> None:
         v["train_iters"] = math.ceil(v["train_tokens"] / (v["global_batch_size"] * v["seq_length"]))
     if v["train_iters"] is None or v["train_iters"] < 1:
         raise ArgumentError("set --train-iters N (N >= 1) or --train-tokens")
+    _check_optimizer_signs(v)
     if v["min_lr"] is None:
         v["min_lr"] = 0.1 * v["lr"]
     if v["min_lr"] > v["lr"]:
@@ -245,6 +286,20 @@ def _check_schedule(v: dict[str, Any]) -> None:
             f"--lr-warmup-iters {v['lr_warmup_iters']} must be between 0 and the decay length "
             f"({v['lr_decay_iters']} iterations)"
         )
+
+
+def _check_optimizer_signs(v: dict[str, Any]) -> None:
+    """Signs first, so that a negative --lr is reported as such (not as a --min-lr mismatch)."""
+    if not (v["lr"] > 0 and math.isfinite(v["lr"])):
+        raise ArgumentError(f"--lr must be a positive number, got {v['lr']}")
+    checks = [("min_lr", False), ("weight_decay", False), ("clip_grad", False), ("adam_eps", True)]
+    for name, strict in checks:
+        value = v[name]
+        if value is None:
+            continue
+        if not math.isfinite(value) or value < 0 or (strict and value == 0):
+            bound = "> 0" if strict else ">= 0"
+            raise ArgumentError(f"--{name.replace('_', '-')} must be {bound}, got {value}")
 
 
 def _check_intervals(v: dict[str, Any]) -> None:

@@ -22,7 +22,13 @@ def build_ds_config(cfg: TrainConfig) -> dict[str, Any]:
     out["train_micro_batch_size_per_gpu"] = cfg.micro_batch_size
     out["gradient_accumulation_steps"] = cfg.gradient_accumulation_steps
     out["gradient_clipping"] = cfg.clip_grad
-    out["bf16"] = {**out.get("bf16", {}), "enabled": bool(cfg.bf16)}
+    # Set explicitly: DeepSpeed's bf16 optimizers skip a step whose grad norm is non-finite only when
+    # this is true (its default today); the non-finite guard (training/guards.py) relies on it.
+    out["bf16"] = {
+        **out.get("bf16", {}),
+        "enabled": bool(cfg.bf16),
+        "check_grad_overflow": bool(cfg.check_for_nan_in_loss_and_grad),
+    }
     out.pop("fp16", None)
     zero = dict(out.get("zero_optimization", {}))
     zero["stage"] = cfg.zero_stage

@@ -55,6 +55,8 @@ def format_train_line(m: dict[str, Any]) -> str:
     if m.get("mfu") is not None:
         parts.append(f"MFU: {100 * m['mfu']:.1f}%")
     parts.append(f"peak memory (GB): {m['peak_memory_gb']:.2f}")
+    if m.get("skipped_iterations") is not None:
+        parts.append(f"number of skipped iterations: {m['skipped_iterations']:3d}")
     return " | ".join(parts) + " |"
 
 

@@ -26,6 +26,7 @@ class _Step:
     loss: torch.Tensor  # this rank's mean loss of the step, 0-d, on the device
     lr: float
     grad_norm: Any  # a 0-d tensor, a float or None, as DeepSpeed reports it
+    skipped: bool = False  # the optimizer step was skipped (non-finite loss or grad norm)
 
 
 def _as_float(value: Any) -> float | None:
@@ -44,11 +45,18 @@ class StepLog:
         self.last_grad_norm: float | None = None
 
     def add(
-        self, iteration: int, consumed_tokens: int, loss: torch.Tensor, lr: float, grad_norm: Any
+        self,
+        iteration: int,
+        consumed_tokens: int,
+        loss: torch.Tensor,
+        lr: float,
+        grad_norm: Any,
+        skipped: bool = False,
     ) -> None:
         if isinstance(grad_norm, torch.Tensor):
             grad_norm = grad_norm.detach()
-        self._pending.append(_Step(iteration, consumed_tokens, loss.detach().float(), lr, grad_norm))
+        step = _Step(iteration, consumed_tokens, loss.detach().float(), lr, grad_norm, skipped)
+        self._pending.append(step)
 
     def flush(self) -> list[tuple[int, float]]:
         """Reduce, convert and write the queued steps (one all-reduce, one device-to-host copy)."""
@@ -69,6 +77,7 @@ class StepLog:
                     "lm_loss": loss,
                     "lr": step.lr,
                     "grad_norm": grad_norm,
+                    "skipped": step.skipped,
                 }
             )
             self.last_grad_norm = grad_norm

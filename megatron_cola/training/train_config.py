@@ -78,6 +78,15 @@ class TrainConfig:
     eval_iters: int
     log_interval: int
     tensorboard_dir: str | None
+    # run-time guards (training/guards.py)
+    check_for_nan_in_loss_and_grad: bool
+    """Skip a step whose loss or grad norm is non-finite (on every rank)."""
+    max_consecutive_skipped_iters: int
+    """Stop with a ``TrainingError`` after this many skipped steps in a row."""
+    exit_signal_handler: bool
+    """SIGTERM/SIGUSR1: save at the next step boundary and exit 0."""
+    exit_duration_in_mins: float | None
+    """Save and exit 0 after this many minutes."""
     # derived
     world_size: int
     """Processes in the job (from the launcher's environment)."""

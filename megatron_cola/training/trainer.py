@@ -30,6 +30,7 @@ from megatron_cola.parallel import ParallelState
 from megatron_cola.training import checkpointing
 from megatron_cola.training.data_setup import build_datasets, make_loader, tokens_and_labels
 from megatron_cola.training.engine import build_engine, build_model
+from megatron_cola.training.guards import ExitSignalHandler, RunGuard, Verdict
 from megatron_cola.training.logging_utils import (
     MetricsWriter,
     format_train_line,
@@ -55,6 +56,8 @@ class Trainer:
         self.consumed_samples = 0
         self.history: dict[str, Any] = {"train": [], "valid": [], "test": None}
         self.loss_window: list[float] = []  # data-parallel mean losses of the steps since the last line
+        self.start_time = time.time()  # for --exit-duration-in-mins
+        self.signals: ExitSignalHandler | None = None
 
     # ------------------------------------------------------------------------------------------ setup
     def setup(self) -> None:
@@ -71,6 +74,7 @@ class Trainer:
         self.train_ds, self.valid_ds, self.test_ds = build_datasets(cfg, self.tokenizer.vocab_size)
         self.writer = MetricsWriter(cfg.tensorboard_dir, enabled=dist.get_rank() == 0)
         self.step_log = StepLog(self.parallel, self.writer)
+        self.guard = RunGuard(cfg, self.engine, self.device, self.signals, self.start_time)
         self.split_dims = self._split_dims()
         self.train_iter = None
         if self.iteration < cfg.train_iters:
@@ -120,20 +124,31 @@ class Trainer:
 
     # ------------------------------------------------------------------------------------------ steps
     def train_step(self) -> None:
-        """One optimizer step over ``gradient_accumulation_steps`` micro-batches; no host sync."""
+        """One optimizer step over ``gradient_accumulation_steps`` micro-batches. The only host sync is
+        the guards' one agreed flags all-reduce before the optimizer step (``training/guards.py``)."""
         losses = []
-        for _ in range(self.cfg.gradient_accumulation_steps):
+        verdict = Verdict()
+        n = self.cfg.gradient_accumulation_steps
+        for micro in range(n):
             tokens, labels = tokens_and_labels(next(self.train_iter), self.device)
             loss = self.engine(tokens, labels)
             self.engine.backward(loss)
-            self.engine.step()
             losses.append(loss.detach().float())
+            if micro == n - 1:
+                verdict = self.guard.before_step(losses)
+            self.engine.step()
         self.iteration += 1
+        skipped = self.guard.after_step(verdict, self.iteration)
         self.consumed_samples += self.cfg.global_batch_size
         lr = self.scheduler.get_last_lr()[0]
         tokens_so_far = self.consumed_samples * self.cfg.seq_length
         self.step_log.add(
-            self.iteration, tokens_so_far, torch.stack(losses).mean(), lr, self.engine.get_global_grad_norm()
+            self.iteration,
+            tokens_so_far,
+            torch.stack(losses).mean(),
+            lr,
+            self.engine.get_global_grad_norm(),
+            skipped=skipped,
         )
 
     def _flush_steps(self) -> None:
@@ -196,8 +211,25 @@ class Trainer:
 
     # ------------------------------------------------------------------------------------------ loop
     def run(self) -> dict[str, Any]:
-        """Train to ``--train-iters`` (or ``--exit-interval``); returns the loss history."""
-        self.setup()
+        """Train to ``--train-iters`` (or an exit condition); returns the loss history."""
+        if self.cfg.exit_signal_handler:
+            self.signals = ExitSignalHandler()
+        try:
+            self.setup()
+            self._loop()
+        finally:
+            if self.signals is not None:
+                self.signals.restore()
+        self._flush_steps()
+        if self.iteration >= self.cfg.train_iters:
+            self._final_evaluations()
+        self.writer.close()
+        self.history["iteration"] = self.iteration
+        self.history["skipped_iterations"] = self.guard.total_skips
+        self.history["exit_reason"] = self.guard.exit_reason
+        return self.history
+
+    def _loop(self) -> None:
         cfg = self.cfg
         meter = _Throughput(cfg, self.model_args, self.device)
         while self.iteration < cfg.train_iters:
@@ -209,26 +241,36 @@ class Trainer:
             if self.valid_ds is not None and cfg.eval_iters > 0 and it % cfg.eval_interval == 0:
                 self.history["valid"].append((it, self._evaluate_and_log("validation", self.valid_ds)))
                 meter.restart()
-            stop = cfg.exit_interval is not None and it % cfg.exit_interval == 0
-            if self._save_due(stop):
+            stop = self._exit_reason()
+            if self._save_due(stop is not None):
                 self.save()
                 meter.restart()
             if stop:
-                print_rank_0(f"> exiting after iteration {it} (--exit-interval {cfg.exit_interval})")
+                print_rank_0(f"> exiting after iteration {it} ({stop})")
                 break
-        self._flush_steps()
-        if self.iteration >= cfg.train_iters:
-            self._final_evaluations()
-        self.writer.close()
-        self.history["iteration"] = self.iteration
-        return self.history
+
+    def _exit_reason(self) -> str | None:
+        """Why the loop stops after this iteration (a signal, the time limit, ``--exit-interval``)."""
+        if self.guard.exit_reason:
+            return self.guard.exit_reason
+        if self.cfg.exit_interval is not None and self.iteration % self.cfg.exit_interval == 0:
+            return f"--exit-interval {self.cfg.exit_interval}"
+        return None
 
     def _save_due(self, stop: bool) -> bool:
-        """Every ``--save-interval``, before an ``--exit-interval`` exit, and at the last iteration."""
+        """Every ``--save-interval``, before an exit, and at the last iteration; never while the latest
+        step was skipped as non-finite (its weights may be the ones that went bad)."""
         cfg, it = self.cfg, self.iteration
         if not cfg.save:
             return False
-        return bool(cfg.save_interval and it % cfg.save_interval == 0) or stop or it == cfg.train_iters
+        due = bool(cfg.save_interval and it % cfg.save_interval == 0) or stop or it == cfg.train_iters
+        if due and not self.guard.save_allowed:
+            print_rank_0(
+                f"> not saving at iteration {it}: the last {self.guard.consecutive_skips} step(s) were "
+                "skipped as non-finite; the previous checkpoint stays the latest"
+            )
+            return False
+        return due
 
     def _final_evaluations(self) -> None:
         """Validation at the last iteration (unless the loop just did it) and the test split."""
@@ -277,6 +319,7 @@ class _Throughput:
             "tflops_per_device": tflops,
             "mfu": tflops / self.peak if self.peak else None,
             "peak_memory_gb": peak_memory_gb(self.device),
+            "skipped_iterations": trainer.guard.take_window_skips(),
         }
         print_rank_0(format_train_line(metrics))
         trainer.writer.write("throughput", {k: v for k, v in metrics.items() if k != "train_iters"})
