@@ -341,7 +341,8 @@ def test_kill_during_save_then_exact_resume(synthetic_prefix: str, base_run: Pat
             d for d in ckpt.glob("iter_*") if d.name != "iter_0000001" and not (d / MANIFEST_FILE).exists()
         ]
         if partial and (ckpt / "latest").exists():
-            os.killpg(proc.pid, signal.SIGKILL)
+            for pid in [*_children(proc.pid), proc.pid]:  # torchrun starts its workers in new sessions
+                os.kill(pid, signal.SIGKILL)
             killed_in = partial[0].name
             break
         time.sleep(0.002)
@@ -354,6 +355,19 @@ def test_kill_during_save_then_exact_resume(synthetic_prefix: str, base_run: Pat
     straight, split = _losses(base_run / "tb"), _losses(tb)
     for it in range(int(latest[5:]) + 1, 5):
         assert f"{split[it]:.6E}" == f"{straight[it]:.6E}", (it, split[it], straight[it])
+
+
+def _children(pid: int) -> list[int]:
+    out = []
+    for entry in os.listdir("/proc"):
+        if entry.isdigit():
+            try:
+                stat = Path(f"/proc/{entry}/stat").read_text()
+            except OSError:
+                continue
+            if int(stat.rsplit(")", 1)[1].split()[1]) == pid:
+                out.append(int(entry))
+    return out
 
 
 def _resume_to(prefix: str, ckpt: Path, tb: Path) -> subprocess.CompletedProcess:
