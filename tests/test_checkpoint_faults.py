@@ -399,3 +399,42 @@ def test_disk_full_on_tmpfs(synthetic_prefix: str, tmp_path: Path) -> None:
         assert (ckpt / "latest").read_text().strip() == "iter_0000002"
     finally:
         subprocess.run(["umount", str(mnt)], check=False)
+
+
+_NON_FINITE_SCRIPT = """
+import sys, torch
+from megatron_cola.errors import CheckpointError
+from megatron_cola.parallel import ParallelState
+from megatron_cola.training.arguments import build_train_config, model_args_from, parse_args
+from megatron_cola.training.checkpointing import save_checkpoint
+from megatron_cola.training.engine import build_engine, build_model
+from megatron_cola.training.pretrain import _init_distributed
+
+cfg = build_train_config(parse_args(sys.argv[1:]), world_size=1)
+model_args = model_args_from(cfg, 256)
+_init_distributed(torch.device("cpu"))
+parallel = ParallelState.from_torch_distributed(1)
+cpu = torch.device("cpu")
+engine, _ = build_engine(cfg, build_model(1, model_args, parallel, cpu), parallel, cpu)
+save_checkpoint(engine, cfg, model_args, parallel, 1, 16, None, 256, {})
+with torch.no_grad():
+    dict(engine.module.named_parameters())["norm.weight"][0] = float("nan")
+try:
+    save_checkpoint(engine, cfg, model_args, parallel, 2, 32, None, 256, {})
+except CheckpointError as e:
+    print("REFUSED", e)
+"""
+
+
+@pytest.mark.slow
+def test_non_finite_weights_never_become_latest(synthetic_prefix: str, tmp_path: Path) -> None:
+    ckpt = tmp_path / "ckpt"
+    flags = [*synthetic_args(synthetic_prefix, "--train-iters", "4"), "--save", str(ckpt), "--device", "cpu"]
+    proc = subprocess.run(
+        [sys.executable, "-c", _NON_FINITE_SCRIPT, *flags],
+        env=dist_env(), cwd=ROOT, capture_output=True, text=True, timeout=300,
+    )  # fmt: skip
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert "REFUSED parameter norm.weight holds NaN/Inf at iteration 2" in proc.stdout
+    assert (ckpt / "latest").read_text().strip() == "iter_0000001"
+    assert sorted(p.name for p in ckpt.glob("iter_*")) == ["iter_0000001"]
