@@ -118,6 +118,8 @@ def test_pre_manifest_checkpoint_loads_unverified(tmp_path: Path) -> None:
     (tmp_path / "iter_0000004" / "mp_rank_00_model_states.pt").unlink()
     with pytest.raises(CheckpointError, match="DeepSpeed files .* are missing"):
         select_checkpoint(str(tmp_path))
+    sel = select_checkpoint(str(tmp_path), finetune=True)  # its weights are still there to fine-tune
+    assert sel is not None and sel.weights_only
 
 
 def test_weights_only_folder_is_recognised(tmp_path: Path) -> None:

@@ -46,15 +46,17 @@ def _has_engine_state(ckpt_dir: str) -> bool:
     return any(n.endswith("_model_states.pt") and "mp_rank_" in n for n in os.listdir(ckpt_dir))
 
 
-def _kind(reader: CheckpointReader) -> str:
-    """``"training"`` or ``"weights"``; refuses a training checkpoint whose DeepSpeed files are gone."""
+def _kind(reader: CheckpointReader, finetune: bool) -> str:
+    """``"training"`` or ``"weights"``; refuses a training checkpoint whose DeepSpeed files are gone
+    (unless only its weights are wanted: ``finetune``)."""
     doc = reader.manifest
     if doc is not None:
         return str(doc.get("kind", "training"))
     names = os.listdir(reader.dir)
     if _has_engine_state(reader.dir):
         return "training"
-    if any(n.startswith("rng_state_") for n in names) or (reader.iteration or 0) > 0:
+    trained = any(n.startswith("rng_state_") for n in names) or (reader.iteration or 0) > 0
+    if trained and not finetune:
         raise CheckpointError(
             f"{reader.dir} was written by a training run but its DeepSpeed files (mp_rank_*_model_states.pt)"
             " are missing, so the run cannot resume exactly; restore them, pass --load with an earlier "
@@ -63,8 +65,9 @@ def _kind(reader: CheckpointReader) -> str:
     return "weights"
 
 
-def select_checkpoint(root: str) -> Selection | None:
-    """The checkpoint to resume from under ``root``; ``None`` when it holds no ``iter_*`` directory."""
+def select_checkpoint(root: str, finetune: bool = False) -> Selection | None:
+    """The checkpoint to start from under ``root``; ``None`` when it holds no ``iter_*`` directory.
+    ``finetune``: only its model files will be read."""
     tags = iteration_dirs(root)
     latest = read_latest(root) if os.path.isdir(root) else None
     notes: list[str] = []
@@ -80,10 +83,10 @@ def select_checkpoint(root: str) -> Selection | None:
         reader = CheckpointReader(root, tag_iteration(latest))
         if reader.manifest is None:
             note = f"{reader.dir} predates checkpoint manifests: loading it unverified"
-            return Selection(reader, _kind(reader) == "weights", [note], [])
+            return Selection(reader, _kind(reader, finetune) == "weights", [note], [])
         problems = reader.verify()
         if not problems:
-            return Selection(reader, _kind(reader) == "weights", [], [])
+            return Selection(reader, _kind(reader, finetune) == "weights", [], [])
         notes.append(f"WARNING: {LATEST_FILE} checkpoint {reader.dir} failed verification: {problems[0]}")
         skipped.append(reader.dir)
         candidates = [t for t in tags if (tag_iteration(t) or 0) < (tag_iteration(latest) or 0)]
@@ -99,7 +102,7 @@ def select_checkpoint(root: str) -> Selection | None:
             skipped.append(ckpt_dir)
             continue
         notes.append(f"falling back to {ckpt_dir}, the newest complete and verified checkpoint")
-        return Selection(reader, _kind(reader) == "weights", notes, skipped)
+        return Selection(reader, _kind(reader, finetune) == "weights", notes, skipped)
     raise CheckpointError(
         f"{root} holds checkpoint directories ({', '.join(tags[:3])}{', ...' if len(tags) > 3 else ''}) but "
         f"none is usable: {'; '.join(notes)}. Restore a good checkpoint, point --load at another directory, "

@@ -267,7 +267,7 @@ def select_for_run(cfg: TrainConfig) -> Selection | None:
     printed and, when ``--save`` is the same directory, skipped corrupt checkpoints moved aside."""
     if not cfg.load:
         return None
-    sel = select_checkpoint(cfg.load)
+    sel = select_checkpoint(cfg.load, finetune=cfg.finetune)
     if sel is None:
         print_rank_0(f"> no checkpoint in {cfg.load} yet: starting from scratch")
         return None
