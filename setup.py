@@ -44,6 +44,7 @@ setup(
         "deepspeed>=0.15",
         "transformers>=4.45",
         "safetensors",
+        "xxhash",
         "pybind11>=2.10",
         "tqdm",
         "tensorboard",

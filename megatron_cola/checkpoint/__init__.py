@@ -10,10 +10,12 @@ Layout of a checkpoint root (``--save DIR``; Megatron's tags, DeepSpeed's files)
         mp_rank_XX_model_states.pt, *_optim_states.pt   DeepSpeed's engine/optimizer state + client state
         model_tpNN.pt                    model weights per TP rank, gathered whatever the ZeRO stage
         rng_state_RRRRR.pt               RNG states per global rank
+        manifest.json                    size + xxh3-128 of every file, written before ``latest``
 
 Modules: ``layout`` (names, tags, markers), ``io`` (``CheckpointWriter``/``CheckpointReader``: every
 file of a checkpoint is written and read through them), ``model_files`` (the ZeRO-independent weight
-files), ``deepspeed_state`` (DeepSpeed engine state and RNG), ``weights`` (weights-only loading into
+files), ``deepspeed_state`` (DeepSpeed engine state and RNG), ``manifest`` (checksums), ``recovery`` (which
+checkpoint to resume from, fallbacks, moving corrupt ones aside), ``weights`` (weights-only loading into
 any TP layout, through the model's sharding plan in ``megatron_cola.model.sharding``).
 """
 

@@ -20,17 +20,39 @@ from megatron_cola.errors import CheckpointError
 
 
 def rng_state() -> dict[str, Any]:
-    """Python, numpy, torch (and CUDA) RNG states of this process."""
-    state = {"python": random.getstate(), "numpy": np.random.get_state(), "torch": torch.get_rng_state()}
+    """Python, numpy, torch (and CUDA) RNG states of this process, as tensors and plain types only (so
+    the file loads with ``weights_only=True``)."""
+    kind, keys, pos, has_gauss, cached = np.random.get_state()
+    state = {
+        "python": random.getstate(),
+        "numpy": {
+            "kind": str(kind),
+            "keys": torch.from_numpy(np.asarray(keys, dtype=np.int64)),
+            "pos": int(pos),
+            "has_gauss": int(has_gauss),
+            "cached_gaussian": float(cached),
+        },
+        "torch": torch.get_rng_state(),
+    }
     if torch.cuda.is_available():
         state["cuda"] = torch.cuda.get_rng_state()
     return state
 
 
 def set_rng_state(state: dict[str, Any]) -> None:
-    """Restore what ``rng_state`` returned."""
+    """Restore what ``rng_state`` returned (or the numpy tuple that files before plain types held)."""
     random.setstate(state["python"])
-    np.random.set_state(state["numpy"])
+    np_state = state["numpy"]
+    if isinstance(np_state, dict):
+        keys = np_state["keys"].numpy().astype(np.uint32)
+        np_state = (
+            np_state["kind"],
+            keys,
+            np_state["pos"],
+            np_state["has_gauss"],
+            np_state["cached_gaussian"],
+        )
+    np.random.set_state(np_state)
     torch.set_rng_state(state["torch"])
     if "cuda" in state and torch.cuda.is_available():
         torch.cuda.set_rng_state(state["cuda"])
@@ -45,7 +67,8 @@ def load_rng_state(reader: CheckpointReader, global_rank: int) -> bool:
     name = rng_file_name(global_rank)
     if not reader.exists(name):
         return False
-    set_rng_state(reader.load_torch(name))
+    # allow_numpy: RNG files written before the plain-type format hold numpy's state array.
+    set_rng_state(reader.load_torch(name, allow_numpy=True))
     return True
 
 
@@ -107,7 +130,8 @@ def peek_client_state(reader: CheckpointReader) -> tuple[dict[str, Any], int]:
     files = engine_state_files(reader)
     if not files:
         raise CheckpointError(f"{reader.dir} holds no DeepSpeed state (mp_rank_XX_model_states.pt)")
-    return reader.load_torch(files[min(files)]), len(files)
+    # DeepSpeed's own file needs pickle: read only to resume a run, after the manifest verified it.
+    return reader.load_torch(files[min(files)], trusted=True), len(files)
 
 
 def load_engine_state(engine: Any, reader: CheckpointReader, load_optimizer_states: bool) -> dict[str, Any]:
@@ -116,12 +140,18 @@ def load_engine_state(engine: Any, reader: CheckpointReader, load_optimizer_stat
     The LR scheduler's state is always loaded: the schedule continues at the saved iteration even when
     the optimizer starts afresh.
     """
-    _, client_state = engine.load_checkpoint(
-        reader.root,
-        tag=reader.tag,
-        load_optimizer_states=load_optimizer_states,
-        load_lr_scheduler_states=True,
-    )
+    try:
+        _, client_state = engine.load_checkpoint(
+            reader.root,
+            tag=reader.tag,
+            load_optimizer_states=load_optimizer_states,
+            load_lr_scheduler_states=True,
+        )
+    except (RuntimeError, EOFError, OSError) as e:  # e.g. a truncated file of a pre-manifest checkpoint
+        raise CheckpointError(
+            f"DeepSpeed could not read checkpoint {reader.dir}: {str(e).splitlines()[0][:200]}; a file is "
+            "truncated or corrupted: use an earlier checkpoint"
+        ) from e
     if client_state is None:
         raise CheckpointError(f"DeepSpeed could not load {reader.dir}")
     return client_state

@@ -18,6 +18,7 @@ parameters gathered (ZeRO-3 included). Each is a ``torch.save`` dict:
 
 from __future__ import annotations
 
+import os
 from typing import Any
 
 import torch
@@ -64,6 +65,7 @@ def load_model_files(reader: CheckpointReader) -> list[dict[str, Any]]:
     paths = reader.glob("model_tp*.pt")
     if not paths:
         raise CheckpointError(f"{ckpt_dir} holds no model_tpNN.pt files (not a Megatron-CoLA checkpoint?)")
+    reader.check_files([os.path.basename(p) for p in paths])
     files = []
     for p in paths:
         obj = reader.load_torch(p)

@@ -60,9 +60,14 @@ def load_weights_only(
     return meta
 
 
-def adopt_architecture(model_args: ModelArgs, load_dir: str) -> tuple[ModelArgs, dict[str, Any]]:
-    """``model_args`` with the checkpoint's values of ``ADOPTED_FIELDS``, and what changed."""
-    reader = CheckpointReader.latest(load_dir)
+def adopt_architecture(
+    model_args: ModelArgs, load_dir: str, iteration: int | None = None
+) -> tuple[ModelArgs, dict[str, Any]]:
+    """``model_args`` with the checkpoint's values of ``ADOPTED_FIELDS`` (of ``iteration``, default
+    ``latest``), and what changed."""
+    reader = (
+        CheckpointReader(load_dir, iteration) if iteration is not None else CheckpointReader.latest(load_dir)
+    )
     paths = reader.glob("model_tp*.pt") if reader is not None else []
     if not paths:
         where = reader.dir if reader is not None else load_dir

@@ -298,10 +298,21 @@ def save_safetensors(
 
 def _read_file(path: str) -> dict[str, torch.Tensor]:
     if path.endswith(".safetensors"):
+        from safetensors import SafetensorError
         from safetensors.torch import load_file
 
-        return load_file(path)
-    obj = torch.load(path, map_location="cpu", weights_only=True)
+        try:
+            return load_file(path)
+        except (SafetensorError, OSError) as e:
+            raise ConversionError(
+                f"cannot read {path}: {e}; the file is truncated or corrupted (download it again)"
+            ) from e
+    try:
+        obj = torch.load(path, map_location="cpu", weights_only=True)
+    except (RuntimeError, EOFError) as e:
+        raise ConversionError(
+            f"cannot read {path}: {str(e).splitlines()[0]}; the file is truncated or corrupted"
+        ) from e
     if isinstance(obj, dict) and "state_dict" in obj and isinstance(obj["state_dict"], dict):
         obj = obj["state_dict"]
     return dict(obj)

@@ -23,6 +23,7 @@ import torch
 
 from megatron_cola.atomic_io import atomic_write_text
 from megatron_cola.checkpoint import LATEST_FILE, iteration_tag, model_file_name, save_model_file
+from megatron_cola.checkpoint.manifest import write_manifest
 from megatron_cola.config import ModelArgs
 from megatron_cola.convert.hf_format import (
     DTYPES,
@@ -137,5 +138,6 @@ def import_hf_folder(
         iteration=0,
         tokenizer=tokenizer_info,
     )
+    write_manifest(ckpt, 0, kind="weights")  # model files only: loaded as weights, never resumed from
     atomic_write_text(os.path.join(save_dir, LATEST_FILE), iteration_tag(0))
     return path

@@ -2,14 +2,18 @@
 
 This module holds the training side's policy: what goes into the client state (the iteration, consumed
 samples, the flags that define the run), which flags must agree for an exact resume, and the order of
-the writes (DeepSpeed state, model files, RNG states, then ``latest``). A kill during a save leaves
-``latest`` pointing at the previous checkpoint, which stays loadable.
+the writes (finite-weights check, DeepSpeed state, model files, RNG states, the manifest, then ``latest``),
+and which checkpoint a run starts from (``select_for_run``) and may write into (``check_save_dir``). A kill
+during a save leaves ``latest`` pointing at the previous checkpoint, which stays loadable.
 """
 
 from __future__ import annotations
 
+import os
+import shutil
 from typing import Any
 
+import torch
 import torch.distributed as dist
 
 from megatron_cola.checkpoint import CheckpointReader, CheckpointWriter, model_file_name, save_model_file
@@ -22,9 +26,20 @@ from megatron_cola.checkpoint.deepspeed_state import (
     save_engine_state,
     save_rng_state,
 )
+from megatron_cola.checkpoint.layout import read_latest
+from megatron_cola.checkpoint.manifest import verify_checkpoint
+from megatron_cola.checkpoint.recovery import (
+    Selection,
+    complete_checkpoints,
+    is_disk_full,
+    move_aside,
+    newest_file,
+    select_checkpoint,
+)
 from megatron_cola.config import EXECUTION_FIELDS, ModelArgs
 from megatron_cola.errors import CheckpointError
 from megatron_cola.parallel import ParallelState
+from megatron_cola.training.logging_utils import print_rank_0
 from megatron_cola.training.train_config import TrainConfig
 
 # Flags that must agree between a checkpoint and the run resuming it, and what to do otherwise.
@@ -73,6 +88,57 @@ def _barrier() -> None:
         dist.barrier()
 
 
+def _all_finite(state: dict[str, Any], parallel: ParallelState) -> str | None:
+    """The first non-finite parameter of any rank's gathered weights (all ranks agree), or ``None``."""
+    bad = next((n for n, t in state.items() if t.is_floating_point() and not torch.isfinite(t).all()), None)
+    if not dist.is_initialized():
+        return bad
+    names: list[str | None] = [None] * dist.get_world_size()
+    dist.all_gather_object(names, bad)
+    return next((n for n in names if n is not None), None)
+
+
+def _save_files(
+    writer: CheckpointWriter,
+    engine: Any,
+    state: dict[str, Any],
+    client_state: dict[str, Any],
+    parallel: ParallelState,
+    meta: dict[str, Any],
+) -> None:
+    save_engine_state(engine, writer, client_state)
+    if parallel.dp_rank == 0:
+        save_model_file(writer.path(model_file_name(parallel.tp_rank)), state, **meta)
+    save_rng_state(writer, _global_rank())
+
+
+def _prepare_dir(writer: CheckpointWriter) -> None:
+    """Never write into a complete checkpoint; move an incomplete/corrupt directory of the same name aside."""
+    if not os.path.isdir(writer.dir):
+        return
+    if read_latest(writer.root) == writer.tag or not verify_checkpoint(writer.dir):
+        raise CheckpointError(
+            f"{writer.dir} already holds a complete checkpoint; this run would overwrite it: pass --load "
+            f"{writer.root} to resume, or choose another --save"
+        )
+    _barrier()
+    if _global_rank() == 0:
+        print_rank_0(f"> moved the incomplete/corrupt {writer.dir} aside to {move_aside(writer.dir)}")
+    _barrier()
+
+
+def _disk_full_error(writer: CheckpointWriter, err: BaseException) -> CheckpointError:
+    """Remove the partial directory; the error names the file and the last complete checkpoint."""
+    culprit = newest_file(writer.dir) or writer.dir
+    shutil.rmtree(writer.dir, ignore_errors=True)
+    last = read_latest(writer.root)
+    return CheckpointError(
+        f"no space left on device while writing {culprit}; the last complete checkpoint is "
+        f"{os.path.join(writer.root, last) if last else 'none (nothing was saved yet)'}. The partial "
+        f"{writer.dir} was removed; free space or choose another --save"
+    )
+
+
 def save_checkpoint(
     engine: Any,
     cfg: TrainConfig,
@@ -84,7 +150,9 @@ def save_checkpoint(
     vocab_size: int,
     split_dims: dict[str, int],
 ) -> str:
-    """Save everything needed to resume exactly, then mark the checkpoint complete in ``latest``."""
+    """Save everything needed to resume exactly, write the manifest, then mark the checkpoint complete in
+    ``latest``. Weights that are not finite are never written (``CheckpointError``, ``latest`` unchanged);
+    a full disk removes the partial directory and raises ``CheckpointError``."""
     writer = CheckpointWriter(cfg.save, iteration)
     client_state = {
         "iteration": iteration,
@@ -94,21 +162,31 @@ def save_checkpoint(
         "world_size": cfg.world_size,
         "zero_stage": cfg.zero_stage,
     }
-    save_engine_state(engine, writer, client_state)
     state = gathered_state_dict(engine, cfg.zero_stage, keep=parallel.dp_rank == 0)
-    if parallel.dp_rank == 0:
-        save_model_file(
-            writer.path(model_file_name(parallel.tp_rank)),
-            state,
-            model_args.to_dict(),
-            split_dims,
-            tp_rank=parallel.tp_rank,
-            tp_size=parallel.tp_size,
-            vocab_size=vocab_size,
-            iteration=iteration,
-            tokenizer=tokenizer_info,
+    bad = _all_finite(state, parallel)
+    if bad is not None:
+        raise CheckpointError(
+            f"parameter {bad} holds NaN/Inf at iteration {iteration}: checkpoint {writer.dir} was not "
+            f"written and {cfg.save}/latest still names the last good one; lower --lr or resume from it"
         )
-    save_rng_state(writer, _global_rank())
+    meta = dict(
+        args=model_args.to_dict(),
+        split_dims=split_dims,
+        tp_rank=parallel.tp_rank,
+        tp_size=parallel.tp_size,
+        vocab_size=vocab_size,
+        iteration=iteration,
+        tokenizer=tokenizer_info,
+    )
+    _prepare_dir(writer)
+    try:
+        _save_files(writer, engine, state, client_state, parallel, meta)
+        _barrier()
+        writer.finalize("training")
+    except (OSError, RuntimeError) as e:
+        if is_disk_full(e, writer.dir):
+            raise _disk_full_error(writer, e) from e
+        raise
     _barrier()
     if _global_rank() == 0:
         writer.commit()
@@ -160,13 +238,16 @@ def check_compatible(client_state: dict[str, Any], cfg: TrainConfig, model_args:
         raise CheckpointError("cannot resume exactly from this checkpoint: " + "; ".join(problems))
 
 
-def load_checkpoint(engine: Any, cfg: TrainConfig, model_args: ModelArgs) -> tuple[int, int] | None:
-    """Resume from ``cfg.load``: returns ``(iteration, consumed_samples)``, or ``None`` when the
-    directory holds no complete checkpoint with DeepSpeed state (weights-only dirs are handled before
-    the engine is built, by ``checkpoint.weights.load_weights_only``)."""
-    reader = CheckpointReader.latest(cfg.load)
-    if reader is None or not has_deepspeed_state(reader):
-        return None
+def load_checkpoint(
+    engine: Any, cfg: TrainConfig, model_args: ModelArgs, reader: CheckpointReader
+) -> tuple[int, int]:
+    """Resume from ``reader``'s checkpoint (chosen and verified by ``select_checkpoint``): returns
+    ``(iteration, consumed_samples)``."""
+    if not has_deepspeed_state(reader):
+        raise CheckpointError(
+            f"{reader.dir} holds no DeepSpeed state (mp_rank_XX_model_states.pt) to resume from; pass "
+            "--finetune to load only its weights"
+        )
     meta, saved_tp = peek_client_state(reader)
     if saved_tp != cfg.tensor_model_parallel_size:
         raise CheckpointError(
@@ -179,3 +260,38 @@ def load_checkpoint(engine: Any, cfg: TrainConfig, model_args: ModelArgs) -> tup
     if not cfg.no_load_rng:
         load_rng_state(reader, _global_rank())
     return int(client_state["iteration"]), int(client_state["consumed_samples"])
+
+
+def select_for_run(cfg: TrainConfig) -> Selection | None:
+    """The checkpoint this run starts from (collective): ``select_checkpoint(--load)`` with its notes
+    printed and, when ``--save`` is the same directory, skipped corrupt checkpoints moved aside."""
+    if not cfg.load:
+        return None
+    sel = select_checkpoint(cfg.load, finetune=cfg.finetune)
+    if sel is None:
+        print_rank_0(f"> no checkpoint in {cfg.load} yet: starting from scratch")
+        return None
+    for note in sel.notes:
+        print_rank_0(f"> {note}")
+    if sel.skipped and cfg.save and os.path.realpath(cfg.save) == os.path.realpath(cfg.load):
+        _barrier()
+        if _global_rank() == 0:
+            for d in sel.skipped:
+                print_rank_0(f"> moved the corrupt {d} aside to {move_aside(d)}")
+        _barrier()
+    return sel
+
+
+def check_save_dir(cfg: TrainConfig, resumed_from: CheckpointReader | None) -> None:
+    """Refuse to start a run whose ``--save`` holds complete checkpoints it did not resume from."""
+    if not cfg.save:
+        return
+    if resumed_from is not None and os.path.realpath(resumed_from.root) == os.path.realpath(cfg.save):
+        return
+    found = complete_checkpoints(cfg.save)
+    if found:
+        raise CheckpointError(
+            f"--save {cfg.save} already holds complete checkpoints ({', '.join(found[:3])}) that this run "
+            f"did not resume from, and would overwrite them: pass --load {cfg.save} to resume, or choose "
+            "another --save"
+        )

@@ -19,8 +19,6 @@ import numpy as np
 import torch
 import torch.distributed as dist
 
-from megatron_cola.checkpoint import CheckpointReader
-from megatron_cola.checkpoint.deepspeed_state import has_deepspeed_state
 from megatron_cola.checkpoint.weights import adopt_architecture, load_weights_only
 from megatron_cola.config import ModelArgs
 from megatron_cola.data.tokenizers import AbstractTokenizer
@@ -94,26 +92,28 @@ class Trainer:
     def _build_engine(self) -> None:
         """Model (weights-only load when asked), optimizer, schedule, engine; then a full resume."""
         cfg = self.cfg
-        reader = CheckpointReader.latest(cfg.load) if cfg.load else None
-        if cfg.load and reader is None:
-            print_rank_0(f"> no checkpoint in {cfg.load} yet: starting from scratch")
-        weights_only = reader is not None and (cfg.finetune or not has_deepspeed_state(reader))
+        sel = checkpointing.select_for_run(cfg)  # never a silent restart: fallback with a note, or an error
+        reader = sel.reader if sel is not None else None
+        weights_only = sel is not None and (cfg.finetune or sel.weights_only)
+        checkpointing.check_save_dir(cfg, None if cfg.finetune else reader)
         if weights_only:
             # Weights from elsewhere (an HF import, another layout): their architecture details win over
             # the size's defaults (e.g. a Llama-2 import's rms_norm_eps, a Llama-3 import's rope_theta).
-            self.model_args, adopted = adopt_architecture(self.model_args, cfg.load)
+            self.model_args, adopted = adopt_architecture(self.model_args, cfg.load, reader.iteration)
             if adopted:
                 print_rank_0(f"> from the checkpoint: {adopted}")
         model = build_model(cfg.seed, self.model_args, self.parallel, self.device)
         if weights_only:
-            load_weights_only(model, cfg.load, seed=cfg.seed, init_std=self.model_args.init_std)
-            print_rank_0(f"> loaded weights only from {cfg.load}/{reader.tag}; starting at iteration 0")
+            load_weights_only(
+                model, cfg.load, reader.iteration, seed=cfg.seed, init_std=self.model_args.init_std
+            )
+            print_rank_0(f"> loaded weights only from {reader.dir}; starting at iteration 0")
         self.engine, self.scheduler = build_engine(cfg, model, self.parallel, self.device)
         if reader is not None and not weights_only:
-            resumed = checkpointing.load_checkpoint(self.engine, cfg, self.model_args)
-            if resumed is not None:
-                self.iteration, self.consumed_samples = resumed
-                print_rank_0(f"> resumed from {cfg.load}/{reader.tag} at iteration {self.iteration}")
+            self.iteration, self.consumed_samples = checkpointing.load_checkpoint(
+                self.engine, cfg, self.model_args, reader
+            )
+            print_rank_0(f"> resumed from {reader.dir} at iteration {self.iteration}")
 
     def _split_dims(self) -> dict[str, int]:
         if self.parallel.tp_size == 1:
