@@ -78,6 +78,13 @@ class TrainConfig:
     eval_iters: int
     log_interval: int
     tensorboard_dir: str | None
+    # execution options (issue 10): how the model runs, not what it computes
+    compile: bool
+    """``torch.compile`` each decoder block (``--compile``)."""
+    grouped_projections: bool
+    """One GEMM for q/k/v and one for gate/up (``--grouped-projections``)."""
+    chunked_loss: bool
+    """LM head and loss a chunk of tokens at a time, no full-vocab logits (``--chunked-loss``)."""
     # derived
     world_size: int
     """Processes in the job (from the launcher's environment)."""
