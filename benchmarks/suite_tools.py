@@ -40,7 +40,7 @@ def make_data(prefix: str, vocab_size: int, documents: int, seed: int = 0) -> No
 def _bench_rows(out_dir: str) -> list[dict[str, Any]]:
     rows = []
     for path in sorted(glob.glob(os.path.join(out_dir, "bench_*.json"))):
-        step = os.path.basename(path)[len("bench_") : -len(".json")]
+        step = os.path.basename(path)[: -len(".json")]
         with open(path) as f:
             result = json.load(f)
         cfg = result["config"]
@@ -103,8 +103,10 @@ def _fmt(value: Any, spec: str, scale: float = 1.0, suffix: str = "") -> str:
 
 
 def report(out_dir: str) -> str:
-    rows = _bench_rows(out_dir) + _pretrain_rows(out_dir)
     statuses = _statuses(out_dir)
+    order = {s["step"]: i for i, s in enumerate(statuses)}  # the order the suite ran them in
+    rows = _bench_rows(out_dir) + _pretrain_rows(out_dir)
+    rows.sort(key=lambda r: order.get(r["step"], len(order)))
     env_path = os.path.join(out_dir, "env.json")
     env = json.load(open(env_path)) if os.path.exists(env_path) else {}
     lines = [
