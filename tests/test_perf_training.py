@@ -164,3 +164,18 @@ def test_gpu_suite_smoke(tmp_path) -> None:
     assert "| bench_compiled_grouped | debug cola+grouped eager |" in table
     assert "| pretrain_deepspeed | pretrain_cola.py (DeepSpeed) iteration 2 |" in table
     assert table in proc.stdout
+
+
+@pytest.mark.slow
+def test_zero3_under_tensor_parallelism_starts_from_the_same_model(synthetic_prefix: str, tmp_path) -> None:
+    """TP=2: ZeRO-3 partitions over the data-parallel group only, so each TP rank keeps its own shard
+    and the first loss (fp32, initial weights) equals ZeRO-0's."""
+    first = {}
+    for stage in ("0", "3"):
+        tb = tmp_path / f"z{stage}"
+        run_torchrun(
+            synthetic_args(synthetic_prefix, "--train-iters", "1", "--tensorboard-dir", str(tb))
+            + ["--zero-stage", stage, "--tensor-model-parallel-size", "2"]
+        )
+        first[stage] = train_losses(tb)[1]
+    assert first["3"] == pytest.approx(first["0"], rel=1e-6)

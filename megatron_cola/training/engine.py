@@ -43,7 +43,14 @@ def build_model(
     import deepspeed
 
     def partition(module: torch.nn.Module) -> None:
-        deepspeed.zero.Init(module=module, config_dict_or_path=zero3_config, mpu=parallel.mpu())
+        # Partition over the data-parallel group (zero.Init's default is the whole world, which would
+        # overwrite the TP shards of the other ranks with rank 0's).
+        deepspeed.zero.Init(
+            module=module,
+            config_dict_or_path=zero3_config,
+            mpu=parallel.mpu(),
+            data_parallel_group=parallel.dp_group,
+        )
 
     model.init_weights(seed, materialize_on=device, after_module=partition)
     return model
