@@ -174,7 +174,7 @@ def test_zero3_under_tensor_parallelism_starts_from_the_same_model(synthetic_pre
     for stage in ("0", "3"):
         tb = tmp_path / f"z{stage}"
         run_torchrun(
-            synthetic_args(synthetic_prefix, "--train-iters", "1", "--tensorboard-dir", str(tb))
+            synthetic_args(synthetic_prefix, "--train-iters", "2", "--tensorboard-dir", str(tb))
             + ["--zero-stage", stage, "--tensor-model-parallel-size", "2"]
         )
         first[stage] = train_losses(tb)[1]
