@@ -10,6 +10,7 @@ here therefore read the number of local heads from the tensors they see.
 from __future__ import annotations
 
 import zlib
+from collections.abc import Callable
 
 import torch
 import torch.nn.functional as F
@@ -148,14 +149,29 @@ class CoLALlama(nn.Module):
 
     # ------------------------------------------------------------------ weights
     @torch.no_grad()
-    def init_weights(self, seed: int = 1234) -> None:
+    def init_weights(
+        self,
+        seed: int = 1234,
+        *,
+        materialize_on: torch.device | None = None,
+        after_module: Callable[[nn.Module], None] | None = None,
+    ) -> None:
         """(Re)initialise every parameter from ``seed``, independently of device and parallel layout.
 
         Each parameter draws from its own generator seeded by ``(seed, parameter name)``. For a sharded
         parameter (tensor parallelism, ``self.sharding``) the full tensor is drawn and the shard cut from
         it (``load_full_``), so any layout starts from the same model.
+
+        Module by module: with ``materialize_on``, each module's own (meta) parameters are first
+        allocated there; ``after_module(module)`` runs once the module's parameters are drawn (ZeRO-3
+        start-up partitions them there, so only one module is ever whole on a rank).
         """
         for module_name, module in self.named_modules():
+            own = list(module.named_parameters(recurse=False))
+            if not own:
+                continue
+            if materialize_on is not None:
+                module.to_empty(device=materialize_on, recurse=False)
             for pname, param in module.named_parameters(recurse=False):
                 name = f"{module_name}.{pname}" if module_name else pname
                 full_shape = self.sharding.full_shape(name, param)
@@ -168,6 +184,9 @@ class CoLALlama(nn.Module):
                     gen = torch.Generator().manual_seed(param_seed(seed, name))
                     full = torch.empty(full_shape).normal_(0.0, std, generator=gen)
                 load_full_(self, name, full)
+                del full
+            if after_module is not None:
+                after_module(module)
         self.sharding.mark_parameters(self)
 
     def num_params(self) -> int:

@@ -37,6 +37,7 @@ def build_parser() -> argparse.ArgumentParser:
     _add_data_flags(p)
     _add_checkpoint_and_logging_flags(p)
     _add_run_time_guard_flags(p)
+    _add_performance_flags(p)
     return p
 
 
@@ -183,6 +184,34 @@ def _add_checkpoint_and_logging_flags(p: argparse.ArgumentParser) -> None:
     g.add_argument("--tensorboard-dir", default=None, help="TensorBoard scalars and metrics.jsonl go here")
 
 
+# ------------------------------------------------------------------ performance (issue 10)
+def _add_performance_flags(p: argparse.ArgumentParser) -> None:
+    g = p.add_argument_group("performance (execution options: a checkpoint resumes with or without them)")
+    g.add_argument(
+        "--compile",
+        action="store_true",
+        help="torch.compile each decoder block (after tensor parallelism, before DeepSpeed)",
+    )
+    g.add_argument(
+        "--grouped-projections",
+        action="store_true",
+        help="run q/k/v and gate/up as one GEMM each (CoLA: their A's; full rank: fused qkv, gate-up)",
+    )
+    g.add_argument(
+        "--chunked-loss",
+        action="store_true",
+        help="LM head + cross entropy a chunk of tokens at a time, without full-vocab logits (TP=1 only)",
+    )
+
+
+def _check_performance_flags(v: dict[str, Any]) -> None:
+    if v["chunked_loss"] and v["tensor_model_parallel_size"] > 1:
+        raise ArgumentError(
+            "--chunked-loss works on one tensor-parallel rank only (under TP the loss is vocab-parallel "
+            "already); drop --chunked-loss or use --tensor-model-parallel-size 1"
+        )
+
+
 def world_size_from_env() -> int:
     """The launcher's world size (torchrun/deepspeed, Open MPI, MPICH/Intel MPI, SLURM srun), else 1."""
     for key in ("WORLD_SIZE", "OMPI_COMM_WORLD_SIZE", "PMI_SIZE", "SLURM_NTASKS"):
@@ -209,6 +238,7 @@ def model_args_from(cfg: TrainConfig, vocab_size: int | None) -> ModelArgs:
 
 def _model_args(v: dict[str, Any], vocab_size: int | None) -> ModelArgs:
     overrides: dict[str, Any] = {"recompute": v["recompute"], "max_seq_length": v["seq_length"]}
+    overrides.update(grouped_projections=v["grouped_projections"], chunked_loss=v["chunked_loss"])
     if vocab_size is not None:
         overrides["vocab_size"] = vocab_size
     overrides.update({f: v[f] for f in _MODEL_OVERRIDES if v[f] is not None})
@@ -238,6 +268,7 @@ def build_train_config(args: argparse.Namespace, world_size: int | None = None) 
     _check_run_time_guards(v)
     _check_data_and_tokenizer(v)
     _reconcile_deepspeed_config(v)
+    _check_performance_flags(v)
     if v["finetune"] and not v["load"]:
         raise ArgumentError("--finetune needs --load DIR")
     _model_args(v, None)  # the model's own checks, before any process-group work

@@ -17,24 +17,66 @@ from megatron_cola.training.train_config import TrainConfig
 
 
 def build_model(
-    seed: int, model_args: ModelArgs, parallel: ParallelState, device: torch.device
+    seed: int,
+    model_args: ModelArgs,
+    parallel: ParallelState,
+    device: torch.device,
+    zero3_config: dict[str, Any] | None = None,
 ) -> torch.nn.Module:
-    """The model on ``device``, TP-sharded when ``parallel.tp_size > 1``, initialised from ``seed``."""
+    """The model on ``device``, TP-sharded when ``parallel.tp_size > 1``, initialised from ``seed``.
+
+    With ``zero3_config`` (the run's DeepSpeed config, ZeRO stage 3) the model is partitioned as it is
+    built: each module's parameters are allocated, drawn from the seed (full tensors, so the model is
+    the same for any layout) and handed to ``deepspeed.zero.Init`` one module at a time, so no rank ever
+    holds more than its partition plus one module's full weights.
+    """
     with torch.device("meta"):
         model = CoLALlama(model_args)
     if parallel.tp_size > 1:
         from megatron_cola.parallel import apply_tensor_parallel
 
         apply_tensor_parallel(model, parallel)
-    model.to_empty(device=device)
-    model.init_weights(seed)  # every TP layout cuts its shards from the same full weights
+    if zero3_config is None:
+        model.to_empty(device=device)
+        model.init_weights(seed)  # every TP layout cuts its shards from the same full weights
+        return model
+    import deepspeed
+
+    def partition(module: torch.nn.Module) -> None:
+        # Partition over the data-parallel group (zero.Init's default is the whole world, which would
+        # overwrite the TP shards of the other ranks with rank 0's).
+        deepspeed.zero.Init(
+            module=module,
+            config_dict_or_path=zero3_config,
+            mpu=parallel.mpu(),
+            data_parallel_group=parallel.dp_group,
+        )
+
+    model.init_weights(seed, materialize_on=device, after_module=partition)
     return model
+
+
+def compile_model(cfg: TrainConfig, model: torch.nn.Module) -> torch.nn.Module:
+    """``--compile``: ``torch.compile`` each decoder block in place (after tensor parallelism, before
+    DeepSpeed wraps the model); the model unchanged otherwise."""
+    if not cfg.compile:
+        return model
+    from megatron_cola.model.compile import compile_blocks
+
+    compile_blocks(model)
+    print_rank_0(f"> compiled {len(model.layers)} decoder blocks (torch.compile, recompute={cfg.recompute})")
+    return model
+
+
+def _full_ndim(param: torch.nn.Parameter) -> int:
+    """Dimensions of the parameter (a ZeRO-3 partitioned one keeps its shape in ``ds_shape``)."""
+    return len(getattr(param, "ds_shape", param.shape))
 
 
 def build_optimizer(cfg: TrainConfig, model: torch.nn.Module, device: torch.device) -> torch.optim.Optimizer:
     """AdamW without weight decay on norms (Megatron's rule: 1-D parameters are not decayed)."""
-    decay = [p for p in model.parameters() if p.dim() >= 2]
-    no_decay = [p for p in model.parameters() if p.dim() < 2]
+    decay = [p for p in model.parameters() if _full_ndim(p) >= 2]
+    no_decay = [p for p in model.parameters() if _full_ndim(p) < 2]
     groups = [
         {"params": decay, "weight_decay": cfg.weight_decay},
         {"params": no_decay, "weight_decay": 0.0},
@@ -57,6 +99,7 @@ def build_engine(
     DeepSpeed config is written to ``--save`` by rank 0."""
     import deepspeed
 
+    model = compile_model(cfg, model)
     optimizer = build_optimizer(cfg, model, device)
     scheduler = build_scheduler(
         optimizer, cfg.lr, cfg.min_lr, cfg.lr_warmup_iters, cfg.lr_decay_iters, cfg.lr_decay_style

@@ -87,6 +87,13 @@ class TrainConfig:
     """SIGTERM/SIGUSR1: save at the next step boundary and exit 0."""
     exit_duration_in_mins: float | None
     """Save and exit 0 after this many minutes."""
+    # execution options: how the model runs, not what it computes
+    compile: bool
+    """``torch.compile`` each decoder block (``--compile``)."""
+    grouped_projections: bool
+    """One GEMM for q/k/v and one for gate/up (``--grouped-projections``)."""
+    chunked_loss: bool
+    """LM head and loss a chunk of tokens at a time, no full-vocab logits (``--chunked-loss``)."""
     # derived
     world_size: int
     """Processes in the job (from the launcher's environment)."""

@@ -27,6 +27,7 @@ from megatron_cola.model.flops import training_flops_per_token
 from megatron_cola.parallel import ParallelState
 from megatron_cola.training import checkpointing
 from megatron_cola.training.data_setup import build_datasets, make_loader, tokens_and_labels
+from megatron_cola.training.ds_config import build_ds_config
 from megatron_cola.training.engine import build_engine, build_model
 from megatron_cola.training.guards import ExitSignalHandler, RunGuard, Verdict
 from megatron_cola.training.logging_utils import (
@@ -102,7 +103,9 @@ class Trainer:
             self.model_args, adopted = adopt_architecture(self.model_args, cfg.load, reader.iteration)
             if adopted:
                 print_rank_0(f"> from the checkpoint: {adopted}")
-        model = build_model(cfg.seed, self.model_args, self.parallel, self.device)
+        # ZeRO-3 partitions the model as it is built (a weights-only load needs it whole first).
+        zero3 = build_ds_config(cfg) if cfg.zero_stage == 3 and not weights_only else None
+        model = build_model(cfg.seed, self.model_args, self.parallel, self.device, zero3_config=zero3)
         if weights_only:
             load_weights_only(
                 model, cfg.load, reader.iteration, seed=cfg.seed, init_std=self.model_args.init_std
