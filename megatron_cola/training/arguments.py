@@ -184,7 +184,7 @@ def _add_checkpoint_and_logging_flags(p: argparse.ArgumentParser) -> None:
     g.add_argument("--tensorboard-dir", default=None, help="TensorBoard scalars and metrics.jsonl go here")
 
 
-# ------------------------------------------------------------------ performance (issue 10)
+# ------------------------------------------------------------------ performance
 def _add_performance_flags(p: argparse.ArgumentParser) -> None:
     g = p.add_argument_group("performance (execution options: a checkpoint resumes with or without them)")
     g.add_argument(
