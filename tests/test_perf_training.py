@@ -114,9 +114,14 @@ def _zero3_build_worker(rank: int, world: int, port: int, out_dir: str) -> None:
             with deepspeed.zero.GatheredParameters([p]):
                 assert torch.equal(p.data, reference[name].data), name
         open(os.path.join(out_dir, f"ok{rank}"), "w").close()
+        torch.distributed.barrier()
     except Exception:
         with open(os.path.join(out_dir, f"err{rank}"), "w") as f:
             f.write(traceback.format_exc())
+    finally:
+        # a gloo process group left alive aborts the interpreter at exit now and then
+        if torch.distributed.is_initialized():
+            torch.distributed.destroy_process_group()
 
 
 @pytest.mark.slow
