@@ -96,7 +96,38 @@ class ShardedModule(nn.Module):
                 param.copy_(spec.shard(full))
 
 
-class ColumnParallelCoLA(ShardedModule):
+class _ShardedCoLA(ShardedModule):
+    """What the two tensor-parallel CoLA maps share: their construction from a dense ``CoLALinear`` and the
+    reference init scale of the full map."""
+
+    in_features: int
+    out_features: int
+    rank: int
+
+    @classmethod
+    def from_dense(cls, layer: CoLALinear, state: ParallelState) -> _ShardedCoLA:
+        if layer.bias is not None:
+            raise ValueError("tensor-parallel CoLA layers support bias=False only (CoLA models use none)")
+        w = layer.weight_a
+        twin = cls(  # type: ignore[call-arg]  (both subclasses take these arguments)
+            layer.in_features,
+            layer.out_features,
+            layer.rank,
+            state,
+            layer.activation,
+            layer.keep_a_output,
+            w.device,
+            w.dtype,
+        )
+        twin.copy_shards_from(layer)
+        return twin
+
+    @property
+    def init_std(self) -> float:
+        return cola_init_std(self.in_features, self.out_features, self.rank)
+
+
+class ColumnParallelCoLA(_ShardedCoLA):
     """CoLA map whose output is sharded: A over r, all-gather at the bottleneck, B over the output."""
 
     def __init__(
@@ -122,28 +153,6 @@ class ColumnParallelCoLA(ShardedModule):
         self._add_sharded("weight_a", (rank, in_features), 0, state, device, dtype)  # (r/t, d_in)
         self._add_sharded("weight_b", (out_features, rank), 0, state, device, dtype)  # (d_out/t, r)
 
-    @classmethod
-    def from_dense(cls, layer: CoLALinear, state: ParallelState) -> ColumnParallelCoLA:
-        if layer.bias is not None:
-            raise ValueError("tensor-parallel CoLA layers support bias=False only (CoLA models use none)")
-        w = layer.weight_a
-        twin = cls(
-            layer.in_features,
-            layer.out_features,
-            layer.rank,
-            state,
-            layer.activation,
-            layer.keep_a_output,
-            w.device,
-            w.dtype,
-        )
-        twin.copy_shards_from(layer)
-        return twin
-
-    @property
-    def init_std(self) -> float:
-        return cola_init_std(self.in_features, self.out_features, self.rank)
-
     def from_rank(self, a: torch.Tensor) -> torch.Tensor:
         """After A: σ on the local rank slice, all-gather, B: ``(..., r/t) -> (..., d_out/t)``."""
         return self.from_activated(self.act_fn(a))
@@ -165,7 +174,7 @@ class ColumnParallelCoLA(ShardedModule):
         )
 
 
-class RowParallelCoLA(ShardedModule):
+class RowParallelCoLA(_ShardedCoLA):
     """CoLA map whose input is sharded: A over the input, reduce-scatter at the bottleneck, B over r."""
 
     def __init__(
@@ -190,28 +199,6 @@ class RowParallelCoLA(ShardedModule):
         self.group = state.tp_group
         self._add_sharded("weight_a", (rank, in_features), 1, state, device, dtype)  # (r, d_in/t)
         self._add_sharded("weight_b", (out_features, rank), 1, state, device, dtype)  # (d_out, r/t)
-
-    @classmethod
-    def from_dense(cls, layer: CoLALinear, state: ParallelState) -> RowParallelCoLA:
-        if layer.bias is not None:
-            raise ValueError("tensor-parallel CoLA layers support bias=False only (CoLA models use none)")
-        w = layer.weight_a
-        twin = cls(
-            layer.in_features,
-            layer.out_features,
-            layer.rank,
-            state,
-            layer.activation,
-            layer.keep_a_output,
-            w.device,
-            w.dtype,
-        )
-        twin.copy_shards_from(layer)
-        return twin
-
-    @property
-    def init_std(self) -> float:
-        return cola_init_std(self.in_features, self.out_features, self.rank)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         # x: (..., d_in/t), this rank's heads / ffn shard.
