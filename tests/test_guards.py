@@ -112,6 +112,75 @@ def test_guard_defaults_and_switches(synthetic_prefix: str) -> None:
     assert build_ds_config(cfg)["bf16"]["check_grad_overflow"] is False
 
 
+# ---------------------------------------------------------------------------------------- per-step cost
+_COUNT_SCRIPT = """
+import json, sys, torch
+import torch.distributed as dist
+from torch.utils._python_dispatch import TorchDispatchMode
+from megatron_cola.training import guards
+from megatron_cola.training.pretrain import pretrain
+
+counts = {"steps": 0, "ops": [], "host_reads": 0, "collectives": 0}
+
+class Ops(TorchDispatchMode):
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        counts["ops"].append(str(func))
+        if func is torch.ops.aten._local_scalar_dense.default:
+            counts["host_reads"] += 1
+        return func(*args, **(kwargs or {}))
+
+def counted(method):
+    def wrapper(*a, **k):
+        with Ops():
+            return method(*a, **k)
+    return wrapper
+
+real_tolist, real_all_reduce, real_before = torch.Tensor.tolist, dist.all_reduce, guards.RunGuard.before_step
+def tolist(t):
+    counts["host_reads"] += 1
+    return real_tolist(t)
+def all_reduce(*a, **k):
+    counts["collectives"] += 1
+    return real_all_reduce(*a, **k)
+def before_step(self, losses):
+    counts["steps"] += 1
+    torch.Tensor.tolist, dist.all_reduce = tolist, all_reduce
+    try:
+        return counted(real_before)(self, losses)
+    finally:
+        torch.Tensor.tolist, dist.all_reduce = real_tolist, real_all_reduce
+guards.RunGuard.before_step = before_step
+guards.RunGuard.after_step = counted(guards.RunGuard.after_step)
+pretrain(sys.argv[1:])
+print("COUNTS", json.dumps(counts))
+"""
+
+
+@pytest.mark.parametrize(
+    "precision, zero, host_reads",
+    [(["--bf16"], "1", 0), ([], "0", 1)],
+    ids=["bf16-zero1-deepspeed-checks", "fp32-zero0-guard-checks"],
+)
+def test_guard_per_step_cost_on_one_rank(synthetic_prefix: str, precision, zero, host_reads) -> None:
+    """One rank with the NaN check, the exit-signal handler and a time limit on: the guards run no
+    collective at all. Where DeepSpeed checks overflow (bf16, ZeRO-1) they add no device work and no host
+    read to the step; where they hold the plain optimizer's step (fp32 ZeRO-0) they read one flag."""
+    args = synthetic_args(synthetic_prefix, "--train-iters", "3", "--zero-stage", zero, *precision)
+    args += ["--exit-duration-in-mins", "60", "--eval-iters", "0", "--device", "cpu"]
+    proc = subprocess.run(
+        [sys.executable, "-c", _COUNT_SCRIPT, *args],
+        env=dist_env(), cwd=ROOT, capture_output=True, text=True, timeout=300,
+    )  # fmt: skip
+    assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-3000:]
+    line = next(line for line in proc.stdout.splitlines() if line.startswith("COUNTS "))
+    counts = json.loads(line[len("COUNTS ") :])
+    assert counts["steps"] == 3
+    assert counts["collectives"] == 0
+    assert counts["host_reads"] == 3 * host_reads
+    if host_reads == 0:
+        assert counts["ops"] == []  # not a single tensor op: the step is DeepSpeed's alone
+
+
 # ---------------------------------------------------------------------------------------------- NaN
 @pytest.mark.slow
 @pytest.mark.parametrize("zero, precision", [("0", []), ("1", []), ("2", ["--bf16"])])

@@ -6,7 +6,9 @@
 
 Each variant is ``cola`` or ``full-rank``, optionally with ``:RECOMPUTE``, and optionally ``+grouped``
 (q/k/v and gate/up as one GEMM: ``ModelArgs.grouped_projections``), e.g. ``cola:cola-m+grouped``.
-``--compile`` compiles each decoder block with ``megatron_cola.model.compile.compile_blocks``.
+``--variants`` takes names separated by spaces or commas (``--variants cola,full-rank``).
+``--compile`` compiles each decoder block with ``megatron_cola.model.compile.compile_blocks``, in
+``--compile-mode`` (default, reduce-overhead = CUDA graphs, max-autotune, max-autotune-no-cudagraphs).
 One step is forward, backward and a (fused) AdamW update of a single micro-batch, under bf16 autocast
 (``--dtype fp32`` to disable).
 Variants are timed in interleaved rounds so that a busy machine slows them alike; the table gives the
@@ -26,7 +28,7 @@ import torch
 
 from megatron_cola.config import ModelArgs
 from megatron_cola.model import build_model
-from megatron_cola.model.compile import compile_blocks
+from megatron_cola.model.compile import COMPILE_MODES, compile_blocks
 from megatron_cola.model.flops import training_flops_per_token
 from megatron_cola.training.logging_utils import peak_tflops
 
@@ -61,8 +63,10 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--dtype", choices=["bf16", "fp32"], default="bf16")
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     p.add_argument("--compile", action="store_true", help="torch.compile each decoder block")
+    p.add_argument("--compile-mode", choices=COMPILE_MODES, default="default", help="torch.compile mode")
     p.add_argument("--json", default=None, help="also write the results here")
     ns = p.parse_args(argv)
+    ns.variants = [v for spec in ns.variants for v in spec.split(",") if v]
     device = torch.device(ns.device)
     torch.manual_seed(0)
 
@@ -71,7 +75,7 @@ def main(argv: list[str] | None = None) -> None:
         name, args = parse_variant(spec, ns.model_size, ns.vocab_size, ns.seq_length)
         model = build_model(args, seed=0, device=device)
         opt = torch.optim.AdamW(model.parameters(), lr=1e-4, fused=device.type in ("cuda", "cpu"))
-        fwd = compile_blocks(model) if ns.compile else model
+        fwd = compile_blocks(model, mode=ns.compile_mode) if ns.compile else model
         runs[name] = {"args": args, "model": model, "opt": opt, "fwd": fwd, "times": [], "peak": 0.0}
     tokens = torch.randint(
         0,
@@ -83,7 +87,11 @@ def main(argv: list[str] | None = None) -> None:
         torch.autocast(device.type, dtype=torch.bfloat16) if ns.dtype == "bf16" else contextlib.nullcontext()
     )
 
+    cuda_graphs = ns.compile and ns.compile_mode == "reduce-overhead"
+
     def step(run: dict) -> None:
+        if cuda_graphs:
+            torch.compiler.cudagraph_mark_step_begin()
         with autocast:
             loss = run["fwd"](tokens[:, :-1], tokens[:, 1:])
         loss.backward()
@@ -131,7 +139,7 @@ def main(argv: list[str] | None = None) -> None:
         )
     print(
         f"{ns.model_size}, seq {ns.seq_length}, micro-batch {ns.micro_batch_size}, {ns.dtype}, "
-        f"{device.type}{' (compiled)' if ns.compile else ''}; median of {ns.rounds} rounds x {ns.steps} steps"
+        f"{device.type}{f' (compiled, {ns.compile_mode})' if ns.compile else ''}; median of {ns.rounds} rounds x {ns.steps} steps"
     )
     print(f"| variant | params | tokens/s | vs {rows[0]['variant']} | TFLOP/s | MFU | peak GiB |")
     print("|---|---|---|---|---|---|---|")

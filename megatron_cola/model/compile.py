@@ -34,10 +34,21 @@ def _compile_targets(layer: DecoderLayer) -> list[nn.Module]:
     return [layer]
 
 
-def compile_blocks(model: CoLALlama, **compile_kwargs: Any) -> CoLALlama:
-    """Compile every decoder block of ``model`` in place (``torch.compile`` keyword arguments pass
-    through, e.g. ``mode="max-autotune"``) and return it. Works for any recompute mode, with or without
-    tensor parallelism; call it after ``apply_tensor_parallel`` and before wrapping for DeepSpeed."""
+#: ``torch.compile`` modes ``--compile-mode`` offers. ``reduce-overhead`` adds CUDA graphs (a caller
+#: marks each training step with ``torch.compiler.cudagraph_mark_step_begin``); ``default`` is Inductor
+#: without CUDA graphs or GEMM autotuning.
+COMPILE_MODES = ("default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs")
+
+
+def compile_blocks(model: CoLALlama, mode: str | None = None, **compile_kwargs: Any) -> CoLALlama:
+    """Compile every decoder block of ``model`` in place with ``torch.compile``'s ``mode`` (one of
+    ``COMPILE_MODES``; ``None`` is ``"default"``; other keyword arguments pass through) and return it.
+    Works for any recompute mode, with or without tensor parallelism; call it after
+    ``apply_tensor_parallel`` and before wrapping for DeepSpeed."""
+    if mode is not None and mode not in COMPILE_MODES:
+        raise ValueError(f"compile mode {mode!r}: expected one of {', '.join(COMPILE_MODES)}")
+    if mode not in (None, "default"):
+        compile_kwargs["mode"] = mode
     for layer in model.layers:
         for module in _compile_targets(layer):
             module.compile(**compile_kwargs)
@@ -69,4 +80,4 @@ def graph_breaks(layer: DecoderLayer, x: torch.Tensor, cos: torch.Tensor, sin: t
     return GraphBreaks(graphs, breaks, reasons)
 
 
-__all__ = ["GraphBreaks", "compile_blocks", "graph_breaks"]
+__all__ = ["COMPILE_MODES", "GraphBreaks", "compile_blocks", "graph_breaks"]

@@ -14,6 +14,7 @@ import os
 from typing import Any
 
 from megatron_cola.config import RECOMPUTE_CHOICES, SIZES, ModelArgs
+from megatron_cola.model.compile import COMPILE_MODES
 from megatron_cola.data.tokenizers import TOKENIZER_TYPES
 from megatron_cola.errors import ConfigError
 from megatron_cola.parallel.sizes import check_tensor_parallel_size
@@ -193,6 +194,13 @@ def _add_performance_flags(p: argparse.ArgumentParser) -> None:
         help="torch.compile each decoder block (after tensor parallelism, before DeepSpeed)",
     )
     g.add_argument(
+        "--compile-mode",
+        choices=COMPILE_MODES,
+        default="default",
+        help="torch.compile mode of --compile: default (Inductor), reduce-overhead (CUDA graphs), "
+        "max-autotune, max-autotune-no-cudagraphs (GEMM autotuning without CUDA graphs)",
+    )
+    g.add_argument(
         "--grouped-projections",
         action="store_true",
         help="run q/k/v and gate/up as one GEMM each (CoLA: their A's; full rank: fused qkv, gate-up)",
@@ -205,6 +213,8 @@ def _add_performance_flags(p: argparse.ArgumentParser) -> None:
 
 
 def _check_performance_flags(v: dict[str, Any]) -> None:
+    if v["compile_mode"] != "default" and not v["compile"]:
+        raise ArgumentError(f"--compile-mode {v['compile_mode']} needs --compile; add --compile")
     if v["chunked_loss"] and v["tensor_model_parallel_size"] > 1:
         raise ArgumentError(
             "--chunked-loss works on one tensor-parallel rank only (under TP the loss is vocab-parallel "

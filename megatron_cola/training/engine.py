@@ -63,8 +63,11 @@ def compile_model(cfg: TrainConfig, model: torch.nn.Module) -> torch.nn.Module:
         return model
     from megatron_cola.model.compile import compile_blocks
 
-    compile_blocks(model)
-    print_rank_0(f"> compiled {len(model.layers)} decoder blocks (torch.compile, recompute={cfg.recompute})")
+    compile_blocks(model, mode=cfg.compile_mode)
+    mode = "" if cfg.compile_mode == "default" else f", mode={cfg.compile_mode}"
+    print_rank_0(
+        f"> compiled {len(model.layers)} decoder blocks (torch.compile, recompute={cfg.recompute}{mode})"
+    )
     return model
 
 

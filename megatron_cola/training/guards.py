@@ -1,31 +1,34 @@
 """Run-time guards: the non-finite step guard, the exit-signal handler and the time limit.
 
-Once per optimizer step, after the last micro-batch's backward and before its ``engine.step()``, every
-rank puts four flags into one small tensor and the ranks take their maximum with one all-reduce:
+Once per optimizer step, after the last micro-batch's backward and before its ``engine.step()``, the
+guard decides two things, and the ranks must agree on both:
 
-====  ===========================================================================================
-0     a micro-batch loss of this step is NaN/Inf on this rank (``--check-for-nan-in-loss-and-grad``)
-1     this rank's gradients are not finite (only where DeepSpeed's optimizer does not check them)
-2     the number of the signal (SIGTERM or SIGUSR1) that arrived (``--exit-signal-handler``), else 0
-3     ``--exit-duration-in-mins`` has passed on this rank's clock
-====  ===========================================================================================
+- **skip this step?** (``--check-for-nan-in-loss-and-grad``) A step is skipped when a loss or the
+  gradients are not finite. Where DeepSpeed's optimizer checks for overflow itself (the ZeRO and bf16
+  optimizers compute the global grad norm over every rank, so the ranks agree), DeepSpeed decides and
+  the guard adds nothing to the step: no device work, no host read. A non-finite loss of a step that
+  DeepSpeed applied anyway (finite gradients) is reported when the step is logged, from the
+  data-parallel mean loss the log reads anyway (non-finite when any rank's was). ZeRO-0 in fp32 uses the
+  plain torch optimizer, which has no such check: there the guard measures the loss and gradients itself
+  and must know the answer on the host before the step (one device-to-host read; the step is held).
+- **stop after this step?** A signal (SIGTERM/SIGUSR1, ``--exit-signal-handler``) or
+  ``--exit-duration-in-mins`` on this rank's clock. These are host facts: one rank reads them directly;
+  several ranks take their maximum with one all-reduce of a small CPU tensor over a gloo group (the
+  default group under gloo, a gloo group beside NCCL), so the device is never waited for.
 
-That all-reduce is the only collective and the only host sync the guards add per step, and it runs only
-when one of the three features is on. Its cost is one latency-bound all-reduce of 16 bytes and one
-device-to-host copy per step (the host waits for the step's backward to finish; the optimizer step is
-queued after the decision).
+Per step, then: one rank needs no collective and no host read (unless it is the ZeRO-0 fp32 path);
+several ranks need one CPU all-reduce of 16 bytes when a stop feature is on (the exit-signal handler is
+on by default), carrying the ZeRO-0 fp32 skip flag too. ``tests/test_guards.py`` counts them.
 
-A step is skipped when flag 0 or 1 is set, or when DeepSpeed's own overflow check skipped it (the ZeRO
-and bf16 optimizers compute the global grad norm over every rank, so the ranks agree): the weights,
-the optimizer state and the LR schedule stay as they were. ZeRO-0 in fp32 uses the plain torch
-optimizer, which has no such check: there the guard measures the gradients itself (flag 1) and holds
-the step. After ``--max-consecutive-skipped-iters`` skipped steps in a row the run stops with a
-``TrainingError``; while any skip is pending no checkpoint is written (the weights that produced a
-non-finite loss may be non-finite themselves).
+A skipped step keeps the weights, the optimizer state and the LR schedule as they were. After
+``--max-consecutive-skipped-iters`` skipped steps in a row the run stops with a ``TrainingError``; while
+any skip is pending no checkpoint is written (the weights that produced a non-finite loss may be
+non-finite themselves).
 """
 
 from __future__ import annotations
 
+import math
 import signal
 import time
 from dataclasses import dataclass
@@ -73,8 +76,14 @@ class Verdict:
     exit_reason: str | None = None
 
 
+def _host_group() -> Any:
+    """A gloo group for agreeing on host flags: the default group under gloo, else a new one (every rank
+    calls this at the same point)."""
+    return None if dist.get_backend() == "gloo" else dist.new_group(backend="gloo")
+
+
 class RunGuard:
-    """The per-step flags, the skip counters and the exit decision of one run."""
+    """The per-step decisions, the skip counters and the exit decision of one run."""
 
     def __init__(
         self,
@@ -95,35 +104,39 @@ class RunGuard:
         self.own_grad_check = self.check_nan and not hasattr(engine.optimizer, "overflow")
         if self.own_grad_check:
             engine.optimizer.overflow = False
-        self.enabled = self.check_nan or signals is not None or cfg.exit_duration_in_mins is not None
+        stop_features = signals is not None or cfg.exit_duration_in_mins is not None
+        world = dist.get_world_size() if dist.is_initialized() else 1
+        # The one collective per step: only where several ranks have something to agree on.
+        self.agree = world > 1 and (stop_features or self.own_grad_check)
+        self.group = _host_group() if self.agree else None
         self.consecutive_skips = 0
         self.total_skips = 0
         self.window_skips = 0  # since the last log line
         self.exit_reason: str | None = None
+        self._applied: set[int] = set()  # iterations applied since the last log (non-finite loss check)
 
     # ------------------------------------------------------------------------------------- per step
     def before_step(self, losses: list[torch.Tensor]) -> Verdict:
-        """Agree on this step (one all-reduce); call after the last backward, before ``engine.step()``."""
-        if not self.enabled:
-            return Verdict()
-        flags = torch.zeros(4, dtype=torch.float32, device=self.device)
-        if self.check_nan:
-            flags[0] = (~torch.isfinite(torch.stack(losses))).any().float()
-        if self.own_grad_check:
-            flags[1] = (~torch.isfinite(self._grad_norm())).float()
+        """Agree on this step; call after the last backward, before ``engine.step()``. Reads the device
+        only on the ZeRO-0 fp32 path and runs a collective only when several ranks must agree."""
+        bad = 0.0
+        if self.own_grad_check:  # the plain optimizer's step is held below: the host needs the answer now
+            loss_bad = ~torch.isfinite(torch.stack(losses)).all()
+            bad = float((loss_bad | ~torch.isfinite(self._grad_norm())).item())
         received = self.signals.received if self.signals is not None else None
-        host = [float(received or 0), float(self._time_is_up())]
-        flags[2:] = torch.tensor(host, dtype=torch.float32).to(self.device)
-        if dist.is_initialized() and dist.get_world_size() > 1:
-            dist.all_reduce(flags, op=dist.ReduceOp.MAX)
-        loss_bad, grad_bad, signum, time_up = flags.tolist()
-        verdict = Verdict(skip=loss_bad > 0 or grad_bad > 0)
+        flags = [bad, float(received or 0), float(self._time_is_up())]
+        if self.agree:
+            agreed = torch.tensor(flags, dtype=torch.float32)
+            dist.all_reduce(agreed, op=dist.ReduceOp.MAX, group=self.group)
+            flags = agreed.tolist()  # a CPU tensor: no device sync
+        bad, signum, time_up = flags
+        verdict = Verdict(skip=bad > 0)
         if signum > 0:  # the highest signal number any rank received
             name = signal.Signals(int(signum)).name
             verdict.exit_reason = f"{name} received (--exit-signal-handler)"
         elif time_up > 0:
             verdict.exit_reason = f"--exit-duration-in-mins {self.cfg.exit_duration_in_mins} reached"
-        if verdict.skip and self.own_grad_check:
+        if verdict.skip:
             # Hold this one step: DeepSpeed still clips and zeroes the gradients, the optimizer's step
             # is a no-op, and ``overflow`` makes DeepSpeed count the skip and hold the LR schedule.
             self.engine.optimizer.step = _no_step
@@ -136,11 +149,8 @@ class RunGuard:
             self.engine.optimizer.overflow = False
             self.engine.optimizer.__dict__.pop("step", None)  # the optimizer's own step again
         applied = self.engine.was_step_applied()
-        if verdict.skip and applied:
-            print_rank_0(
-                f"> WARNING: iteration {iteration} had a non-finite loss but finite gradients; "
-                "DeepSpeed applied the step"
-            )
+        if applied and self.check_nan:
+            self._applied.add(iteration)
         skipped = not applied
         if verdict.exit_reason and self.exit_reason is None:
             self.exit_reason = verdict.exit_reason
@@ -163,6 +173,17 @@ class RunGuard:
                 "last checkpoint"
             )
         return True
+
+    def check_logged(self, logged: list[tuple[int, float]]) -> None:
+        """Warn about applied steps whose logged (data-parallel mean) loss is not finite: DeepSpeed saw
+        finite gradients and applied them. Call with what ``StepLog.flush`` returns."""
+        for iteration, loss in logged:
+            if iteration in self._applied and not math.isfinite(loss):
+                print_rank_0(
+                    f"> WARNING: iteration {iteration} had a non-finite loss but finite gradients; "
+                    "DeepSpeed applied the step"
+                )
+        self._applied.clear()
 
     @property
     def save_allowed(self) -> bool:

@@ -90,6 +90,8 @@ class TrainConfig:
     # execution options: how the model runs, not what it computes
     compile: bool
     """``torch.compile`` each decoder block (``--compile``)."""
+    compile_mode: str
+    """``torch.compile`` mode of ``--compile`` (``--compile-mode``; ``model.compile.COMPILE_MODES``)."""
     grouped_projections: bool
     """One GEMM for q/k/v and one for gate/up (``--grouped-projections``)."""
     chunked_loss: bool
