@@ -137,38 +137,62 @@ def test_zero3_builds_partitioned_seeded_model(tmp_path) -> None:
 
 
 # ------------------------------------------------------------------------------------------ GPU suite
-def test_gpu_suite_smoke(tmp_path) -> None:
-    """The suite's script on CPU: every step runs, and suite.json / suite.md hold their rows."""
-    out = tmp_path / "suite"
+def _suite(tmp_path, *args: str) -> subprocess.CompletedProcess:
     env = {**dist_env(), "PYTHON": sys.executable}
     env.pop("OUT", None)
-    proc = subprocess.run(
-        ["bash", str(ROOT / "benchmarks" / "gpu_suite.sh"), "--smoke", "--out", str(out)],
-        env=env,
-        cwd=ROOT,
-        capture_output=True,
-        text=True,
-        timeout=300,
-    )
+    cmd = [
+        "bash",
+        str(ROOT / "benchmarks" / "gpu_suite.sh"),
+        "--smoke",
+        "--wheelhouse",
+        str(tmp_path / "none"),
+    ]
+    return subprocess.run([*cmd, *args], env=env, cwd=ROOT, capture_output=True, text=True, timeout=300)
+
+
+def test_gpu_suite_smoke(tmp_path) -> None:
+    """The suite's script on CPU: a foreign non-empty --out is refused; every step runs in its own
+    process and suite.json / suite.md hold one row per variant and the target ratios; a rerun into the
+    same --out empties it first, and with a budget too small for any step still prints its table, which
+    then holds no row of the earlier run."""
+    out = tmp_path / "suite"
+    out.mkdir()
+    (out / "notes.txt").write_text("not the suite's")
+    refused = _suite(tmp_path, "--out", str(out))
+    assert refused.returncode == 2 and "is not empty and not an earlier suite's output" in refused.stderr
+    (out / "notes.txt").unlink()
+
+    proc = _suite(tmp_path, "--out", str(out), "--target", str(tmp_path / "site"))
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     summary = json.loads((out / "suite.json").read_text())
-    assert [s["status"] for s in summary["steps"]] == ["ok"] * 9, summary["steps"]
-    steps = {r["step"] for r in summary["rows"]}
-    assert steps == {
-        "bench_compiled_grouped",
-        "bench_recompute_none",
-        "bench_recompute_cola-m",
-        "bench_recompute_full",
-        "pretrain_deepspeed",
-        "bench_7b_cola_m",
-        "bench_eager",
-        "bench_compiled",
-    }
-    assert all(r["tokens_per_s"] > 0 for r in summary["rows"])
+    assert [s["step"] for s in summary["steps"]] == [
+        "headline_full_rank", "headline_cola", "cola_m", "data", "pretrain_deepspeed",
+        "cola_mode_reduce-overhead",
+    ]  # fmt: skip
+    assert [s["status"] for s in summary["steps"]] == ["ok"] * 6, summary["steps"]
+    rows = {r["step"]: r for r in summary["rows"]}
+    assert sorted(rows) == sorted(s["step"] for s in summary["steps"] if s["step"] != "data")
+    assert rows["headline_cola"]["variant"] == "debug cola+grouped"
+    assert rows["cola_m"]["variant"] == "debug cola:cola-m+grouped"
+    assert all(r["tokens_per_s"] > 0 and r["optimizer"] and r["device"] == "cpu" for r in rows.values())
+    assert "--no-exit-signal-handler" in proc.stdout  # a timeout ends the training at once
+    ratio = summary["targets"][0]
+    assert ratio["what"] == "CoLA / full-rank tokens/s"
+    assert ratio["value"] == pytest.approx(
+        rows["headline_cola"]["tokens_per_s"] / rows["headline_full_rank"]["tokens_per_s"]
+    )
     table = (out / "suite.md").read_text()
-    assert "| bench_compiled_grouped | debug cola+grouped eager |" in table
-    assert "| pretrain_deepspeed | pretrain_cola.py (DeepSpeed) iteration 2 |" in table
+    assert "| headline_cola | debug cola+grouped | eager | 2 |" in table
+    assert "| pretrain_deepspeed | pretrain_cola.py iteration 2 | eager |" in table
     assert table in proc.stdout
+
+    again = _suite(tmp_path, "--out", str(out), "--budget", "1")
+    assert again.returncode == 0, again.stdout[-3000:] + again.stderr[-3000:]
+    assert f"emptying {out}" in again.stdout
+    summary = json.loads((out / "suite.json").read_text())
+    assert summary["rows"] == [] and not (out / "headline_cola.json").exists()
+    assert all(s["status"].startswith("skipped (deadline") for s in summary["steps"]), summary["steps"]
+    assert (out / "suite.md").read_text() in again.stdout
 
 
 @pytest.mark.slow

@@ -139,7 +139,8 @@ def main(argv: list[str] | None = None) -> None:
         )
     print(
         f"{ns.model_size}, seq {ns.seq_length}, micro-batch {ns.micro_batch_size}, {ns.dtype}, "
-        f"{device.type}{f' (compiled, {ns.compile_mode})' if ns.compile else ''}; median of {ns.rounds} rounds x {ns.steps} steps"
+        f"{device.type}{f' (compiled, {ns.compile_mode})' if ns.compile else ''}; "
+        f"median of {ns.rounds} rounds x {ns.steps} steps"
     )
     print(f"| variant | params | tokens/s | vs {rows[0]['variant']} | TFLOP/s | MFU | peak GiB |")
     print("|---|---|---|---|---|---|---|")

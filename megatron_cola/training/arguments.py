@@ -14,9 +14,9 @@ import os
 from typing import Any
 
 from megatron_cola.config import RECOMPUTE_CHOICES, SIZES, ModelArgs
-from megatron_cola.model.compile import COMPILE_MODES
 from megatron_cola.data.tokenizers import TOKENIZER_TYPES
 from megatron_cola.errors import ConfigError
+from megatron_cola.model.compile import COMPILE_MODES
 from megatron_cola.parallel.sizes import check_tensor_parallel_size
 from megatron_cola.parallel.transform import pad_vocab_size  # noqa: F401  (re-exported)
 from megatron_cola.training.train_config import TrainConfig

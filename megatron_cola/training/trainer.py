@@ -136,7 +136,7 @@ class Trainer:
         for micro in range(n):
             tokens, labels = tokens_and_labels(next(self.train_iter), self.device)
             if self.cfg.compile and self.cfg.compile_mode == "reduce-overhead":
-                torch.compiler.cudagraph_mark_step_begin()  # the CUDA graphs' outputs of the last pass are free
+                torch.compiler.cudagraph_mark_step_begin()  # the last pass's CUDA-graph outputs are free
             loss = self.engine(tokens, labels)
             self.engine.backward(loss)
             losses.append(loss.detach().float())
