@@ -12,8 +12,8 @@
 #   cola_m               1B CoLA with CoLA-M recomputation, the same        -> its peak memory vs CoLA's
 #   data                 synthetic Megatron-format data for the next step (no network on the GPU machine)
 #   pretrain_deepspeed   1B CoLA through pretrain_cola.py: DeepSpeed ZeRO-1, FusedAdam, bf16, compiled
-#   cola_mode_MODE       headline_cola again under each --compile-mode in --modes
-#                        (default: reduce-overhead,max-autotune-no-cudagraphs)
+#   cola_mode_MODE       headline_cola again under each --compile-mode in --modes (comma-separated;
+#                        default reduce-overhead,max-autotune-no-cudagraphs; "none" for no such step)
 # Before the steps: the wheelhouse (--wheelhouse, default .whl: benchmarks/make_wheelhouse.sh) is installed
 # into --target (default /tmp/site; it must be empty or a target of an earlier suite run), the C++ data
 # helpers are built, and DeepSpeed's FusedAdam is JIT-built in the background (stale torch_extensions
@@ -34,7 +34,7 @@ bundle=${OUT:-}
 budget=450
 wheels=${WHEELHOUSE:-.whl}
 target=/tmp/site
-modes=default
+modes=""
 only=""
 usage="use --smoke, --out DIR, --budget SECONDS, --wheelhouse DIR, --target DIR, --modes LIST, --only STEPS"
 while [ $# -gt 0 ]; do
@@ -51,9 +51,10 @@ while [ $# -gt 0 ]; do
   shift
 done
 deadline=$(( $(date +%s) + budget ))
-if [ "$modes" = default ]; then
+if [ -z "$modes" ]; then
   if [ "$mode" = smoke ]; then modes=reduce-overhead; else modes=reduce-overhead,max-autotune-no-cudagraphs; fi
 fi
+[ "$modes" = none ] && modes=""
 PYTHON=${PYTHON:-python3}
 export PYTHONUNBUFFERED=1 PYTHONPATH=$PWD${PYTHONPATH:+:$PYTHONPATH}
 

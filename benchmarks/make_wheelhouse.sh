@@ -7,11 +7,14 @@
 #   - a DeepSpeed wheel built from its source distribution with no ops compiled in (DS_BUILD_OPS=0), so
 #     it is pure Python and installs on any CPython; its ops (FusedAdam) JIT-build on the GPU machine;
 #   - the binary wheels DeepSpeed needs that the image lacks (hjson, pydantic and its parts), picked for
-#     CPython 3.12 on manylinux x86_64.
-# usage: benchmarks/make_wheelhouse.sh [DIR]      (PY=python to use, DS_VERSION=x.y.z to pin)
+#     CPython 3.12 (PYVER) on manylinux x86_64.
+# usage: benchmarks/make_wheelhouse.sh [DIR]   (PY=python to use, DS_VERSION=x.y.z to pin, PYVER=3.11 for a
+#        CPU rehearsal of benchmarks/gpu_suite.sh --smoke under a local Python 3.11)
 set -euo pipefail
 dir=${1:-.whl}
 py=${PY:-.venv/bin/python}
+pyver=${PYVER:-3.12}
+abi=cp${pyver/./}
 version=${DS_VERSION:-$("$py" -m pip show deepspeed 2>/dev/null | sed -n 's/^Version: //p')}
 if [ -z "$version" ]; then
   echo "make_wheelhouse.sh: cannot tell the DeepSpeed version; set DS_VERSION" >&2
@@ -20,9 +23,9 @@ fi
 mkdir -p "$dir"
 rm -f "$dir"/*.whl
 
-echo "> dependency wheels for cp312 manylinux x86_64"
+echo "> dependency wheels for $abi manylinux x86_64"
 "$py" -m pip download --quiet --no-deps --only-binary=:all: \
-  --python-version 3.12 --implementation cp --abi cp312 \
+  --python-version "$pyver" --implementation cp --abi "$abi" \
   --platform manylinux_2_17_x86_64 --platform manylinux2014_x86_64 --platform manylinux_2_28_x86_64 \
   --dest "$dir" hjson pydantic annotated-types typing-inspection typing-extensions
 # pydantic pins one pydantic-core version exactly: fetch that one.
@@ -38,7 +41,7 @@ with zipfile.ZipFile(whl) as z:
 PY
 )
 "$py" -m pip download --quiet --no-deps --only-binary=:all: \
-  --python-version 3.12 --implementation cp --abi cp312 \
+  --python-version "$pyver" --implementation cp --abi "$abi" \
   --platform manylinux_2_17_x86_64 --platform manylinux2014_x86_64 --platform manylinux_2_28_x86_64 \
   --dest "$dir" "$core"
 

@@ -31,6 +31,20 @@ def test_performance_flags_reach_the_model(synthetic_prefix: str) -> None:
     plain = args_for(synthetic_prefix)
     assert not (plain.compile or plain.grouped_projections or plain.chunked_loss)
     assert not model_args_from(plain, 256).grouped_projections
+    assert cfg.compile_mode == plain.compile_mode == "default"
+    graphs = args_for(synthetic_prefix, "--compile", "--compile-mode", "reduce-overhead")
+    assert graphs.compile_mode == "reduce-overhead"
+
+
+def test_compile_mode_needs_compile_and_a_known_mode(synthetic_prefix: str) -> None:
+    with pytest.raises(ArgumentError, match="--compile-mode max-autotune needs --compile"):
+        args_for(synthetic_prefix, "--compile-mode", "max-autotune")
+    from megatron_cola.config import ModelArgs
+    from megatron_cola.model import build_model
+    from megatron_cola.model.compile import compile_blocks
+
+    with pytest.raises(ValueError, match="compile mode 'fast': expected one of default, reduce-overhead"):
+        compile_blocks(build_model(ModelArgs.from_size("debug", num_layers=1, vocab_size=64)), mode="fast")
 
 
 def test_chunked_loss_refused_under_tensor_parallelism(synthetic_prefix: str) -> None:

@@ -17,8 +17,8 @@ guard decides two things, and the ranks must agree on both:
   default group under gloo, a gloo group beside NCCL), so the device is never waited for.
 
 Per step, then: one rank needs no collective and no host read (unless it is the ZeRO-0 fp32 path);
-several ranks need one CPU all-reduce of 16 bytes when a stop feature is on (the exit-signal handler is
-on by default), carrying the ZeRO-0 fp32 skip flag too. ``tests/test_guards.py`` counts them.
+several ranks need one CPU all-reduce when a stop feature is on (the exit-signal handler is
+on by default), carrying the ZeRO-0 fp32 skip flag too (12 bytes). ``tests/test_guards.py`` counts them.
 
 A skipped step keeps the weights, the optimizer state and the LR schedule as they were. After
 ``--max-consecutive-skipped-iters`` skipped steps in a row the run stops with a ``TrainingError``; while
