@@ -54,6 +54,7 @@ def config_from_args(args: argparse.Namespace) -> PreprocessConfig:
         append_eod=args.append_eod,
         workers=args.workers,
         partitions=args.partitions,
+        keep_sequential_samples=args.keep_sequential_samples,
         strict=args.strict,
         allow_empty=args.allow_empty,
         log_interval=args.log_interval,
@@ -94,7 +95,18 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--output-prefix", required=True, help="writes PREFIX_{key}_document.bin/.idx")
     g = p.add_argument_group("runtime")
     g.add_argument("--workers", type=int, default=1, help="tokenizer processes (1: in-process)")
-    g.add_argument("--partitions", type=int, default=1, help="split the input into this many parallel parts")
+    g.add_argument(
+        "--partitions",
+        type=int,
+        default=1,
+        help="parallel parts; as in Megatron-LM, records are dealt out in turn and the parts written one "
+        "after another",
+    )
+    g.add_argument(
+        "--keep-sequential-samples",
+        action="store_true",
+        help="with --partitions, cut the input into contiguous parts so the output keeps the input order",
+    )
     g.add_argument(
         "--log-interval", type=int, default=1000, help="refresh the docs/s, tok/s figures every N docs"
     )
