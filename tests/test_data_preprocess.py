@@ -104,7 +104,11 @@ def test_round_trip_matches_direct_tokenization(corpus, round_trips, workers, pa
     summary = proc.stdout.strip().splitlines()[-1]
     assert summary.startswith(f"done: {len(expected)} documents, {sum(map(len, expected))} tokens")
     assert "MB/s" in summary and "tokens/s" in summary
-    assert _files(Path(prefix).parent) == ["ds_text_document.bin", "ds_text_document.idx"]
+    assert _files(Path(prefix).parent) == [
+        "ds_text_document.bin",
+        "ds_text_document.idx",
+        "ds_text_document.meta.json",
+    ]
 
 
 def test_round_trips_identical_where_megatron_is(round_trips):

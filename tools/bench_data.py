@@ -10,6 +10,9 @@
 2. Runs ``tools/preprocess_data.py`` (in-process, with ``--append-eod``) for each worker count, best of
    ``--repeats``: documents/s, MB/s, tokens/s, and for ``--workers 1`` the share of the wall time spent
    outside the tokenizer (reading, JSON, numpy conversion, writing).
+   With ``--formats jsonl parquet`` the same documents are also written as Parquet (row groups of
+   ``--row-group-size`` rows) and each worker count runs on both inputs, alternating, best of
+   ``--repeats`` each; the outputs must be byte-identical and the Parquet/JSONL time ratio is printed.
 3. Builds a ``GPTDataset`` over the result and reads random samples: index build time and samples/s.
 """
 
@@ -51,21 +54,66 @@ def ensure_tokenizer(corpus: str, model: str | None) -> str:
         return train_tokenizer([corpus], os.path.join(REPO, "data", "tokenizer", "sample_8k"), 8000)
 
 
+def preprocess_once(corpus: str, model: str, workers: int, prefix: str) -> dict:
+    args = preprocess_data.build_parser().parse_args(
+        [
+            "--input", corpus, "--output-prefix", prefix,
+            "--tokenizer-type", "SentencePieceTokenizer", "--tokenizer-model", model,
+            "--append-eod", "--workers", str(workers), "--quiet",
+        ]
+    )  # fmt: skip
+    with contextlib.redirect_stdout(io.StringIO()):  # the tool's own summary line
+        return preprocess_data.run(args)
+
+
 def bench_preprocess(corpus: str, model: str, workers: int, repeats: int, out_dir: str) -> dict:
     best: dict | None = None
     for _ in range(repeats):
-        args = preprocess_data.build_parser().parse_args(
-            [
-                "--input", corpus, "--output-prefix", os.path.join(out_dir, f"bench_w{workers}"),
-                "--tokenizer-type", "SentencePieceTokenizer", "--tokenizer-model", model,
-                "--append-eod", "--workers", str(workers), "--quiet",
-            ]
-        )  # fmt: skip
-        with contextlib.redirect_stdout(io.StringIO()):  # the tool's own summary line
-            summary = preprocess_data.run(args)
+        summary = preprocess_once(corpus, model, workers, os.path.join(out_dir, f"bench_w{workers}"))
         if best is None or summary["seconds"] < best["seconds"]:
             best = summary
     assert best is not None
+    return best
+
+
+def jsonl_to_parquet(corpus: str, path: str, row_group_size: int) -> None:
+    """The ``text`` of every line of ``corpus`` as a one-column Parquet file (streamed, one row group at a
+    time)."""
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    schema = pa.schema([("text", pa.string())])
+    with open(corpus, encoding="utf-8") as f, pq.ParquetWriter(path, schema) as writer:
+        rows: list[str] = []
+        for line in f:
+            if line.strip():
+                rows.append(json.loads(line)["text"])
+            if len(rows) == row_group_size:
+                writer.write_table(pa.table({"text": rows}, schema=schema))
+                rows = []
+        if rows:
+            writer.write_table(pa.table({"text": rows}, schema=schema))
+
+
+def bench_formats(corpus: str, model: str, workers: int, repeats: int, out_dir: str, row_group: int) -> dict:
+    """JSONL and Parquet inputs of the same documents, alternating, best of ``repeats`` each."""
+    parquet = os.path.join(out_dir, "corpus.parquet")
+    if not os.path.isfile(parquet):
+        jsonl_to_parquet(corpus, parquet, row_group)
+    best: dict[str, dict] = {}
+    for _ in range(repeats):
+        for fmt, path in (("jsonl", corpus), ("parquet", parquet)):
+            s = preprocess_once(path, model, workers, os.path.join(out_dir, f"fmt_{fmt}_w{workers}"))
+            if fmt not in best or s["seconds"] < best[fmt]["seconds"]:
+                best[fmt] = s
+    for ext in (".bin", ".idx"):
+        blobs = {
+            open(os.path.join(out_dir, f"fmt_{f}_w{workers}_text_document{ext}"), "rb").read() for f in best
+        }
+        if len(blobs) != 1:
+            raise SystemExit(f"Parquet and JSONL outputs differ ({ext})")
+    best["parquet_over_jsonl_time"] = best["parquet"]["seconds"] / best["jsonl"]["seconds"]  # type: ignore[assignment]
+    best["parquet_bytes"] = os.path.getsize(parquet)  # type: ignore[assignment]
     return best
 
 
@@ -103,6 +151,14 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--num-samples", type=int, default=100_000, help="GPTDataset samples (several epochs)")
     p.add_argument("--reads", type=int, default=20_000, help="random samples to read")
     p.add_argument("--json", default=None, help="also write the results here")
+    p.add_argument(
+        "--formats",
+        nargs="+",
+        default=["jsonl"],
+        choices=["jsonl", "parquet"],
+        help="input formats to compare",
+    )
+    p.add_argument("--row-group-size", type=int, default=1000, help="rows per Parquet row group")
     args = p.parse_args(argv)
 
     if not os.path.isfile(args.corpus):
@@ -125,6 +181,21 @@ def main(argv: list[str] | None = None) -> int:
                 f"{s['tokens_per_s']:,.0f} tokens/s ({s['tokens']:,} tokens in {s['seconds']:.2f}s{extra})",
                 flush=True,
             )
+            if "parquet" in args.formats:
+                f = bench_formats(args.corpus, model, w, args.repeats, out_dir, args.row_group_size)
+                results.setdefault("formats", {})[w] = f
+                for fmt in ("jsonl", "parquet"):
+                    s = f[fmt]
+                    print(
+                        f"  input {fmt:7s} workers={w}: {s['seconds']:.3f}s, {s['docs_per_s']:,.0f} docs/s, "
+                        f"{s['tokens_per_s']:,.0f} tokens/s (file {s['input_bytes'] / 1e6:.2f} MB)",
+                        flush=True,
+                    )
+                print(
+                    f"  parquet/jsonl time ratio workers={w}: {f['parquet_over_jsonl_time']:.3f} "
+                    "(outputs byte-identical)",
+                    flush=True,
+                )
         prefix = os.path.join(out_dir, f"bench_w{args.workers[0]}_text_document")
         r = bench_read(prefix, args.seq_length, args.num_samples, args.reads, os.path.join(out_dir, "cache"))
         results["read"] = r

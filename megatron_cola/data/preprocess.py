@@ -49,6 +49,7 @@ from megatron_cola.data.preprocess_input import (
     plan_partitions,
 )
 from megatron_cola.data.preprocess_report import Progress, Stats, summarize
+from megatron_cola.data.sidecar import dataset_record, tokenizer_record, write_sidecar
 from megatron_cola.data.tokenizers import AbstractTokenizer, build_tokenizer
 from megatron_cola.errors import DataError, MegatronColaError
 
@@ -420,6 +421,22 @@ def _check_not_empty(config: PreprocessConfig, stats: Stats) -> None:
             )
 
 
+def _recorded_flags(config: PreprocessConfig, key: str) -> dict:
+    """The preprocessing flags kept in a dataset's ``.meta.json`` record."""
+    return {
+        "tool": "tools/preprocess_data.py",
+        "input": list(config.input),
+        "json_key": key,
+        "json_keys": list(config.json_keys),
+        "append_eod": config.append_eod,
+        "workers": config.workers,
+        "partitions": config.partitions,
+        "keep_sequential_samples": config.keep_sequential_samples,
+        "strict": config.strict,
+        "allow_empty": config.allow_empty,
+    }
+
+
 def output_prefixes(output_prefix: str, keys: tuple[str, ...] | list[str]) -> dict[str, str]:
     """``{key: f"{output_prefix}_{key}_document"}``."""
     return {key: f"{output_prefix}_{key}_document" for key in keys}
@@ -478,7 +495,10 @@ def _preprocess(config: PreprocessConfig) -> dict:
             stats = _run_partitions(plan, infos, part_prefixes, workers, init_args, config.strict, report)
             _merge_parts(part_prefixes, tmps, dtype)
         _check_not_empty(config, stats)
-        for key in finals:
+        tok_record = tokenizer_record(*tokenizer_args[:2], tokenizer.vocab_size, tokenizer.eod)
+        for key in finals:  # the record first: a published .idx always has its own
+            flags = _recorded_flags(config, key)
+            write_sidecar(finals[key], dataset_record(tmps[key], tok_record, dtype.name, flags))
             commit_dataset(tmps[key], finals[key])
     finally:
         if progress is not None:
