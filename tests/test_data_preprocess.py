@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import contextlib
 import gzip
+import io
 import json
 import os
 import re
@@ -16,6 +18,7 @@ import numpy as np
 import pytest
 
 from megatron_cola.data import MMapIndexedDataset, SentencePieceTokenizer
+from megatron_cola.data.preprocess import PreprocessConfig, preprocess
 
 from .test_data_common import (
     TOOLS,
@@ -131,15 +134,24 @@ def test_partitions_deal_lines_like_megatron(tmp_path):
         "\n" + "".join(json.dumps({"text": str(i)}) + "\n" for i in (6, 7, 8, 9))
     )
     got = {}
-    for args in (["--partitions", "2", "--workers", "2"], ["--partitions", "2", "--keep-sequential-samples"],
-                 ["--partitions", "3", "--workers", "3"]):  # fmt: skip
-        prefix = tmp_path / "o"
-        run_tool(
-            "preprocess_data", "--input", tmp_path / "*.jsonl", "--output-prefix", prefix,
-            "--tokenizer-type", "NullTokenizer", "--vocab-size", "10", "--quiet", *args,
-        )  # fmt: skip
-        ds = MMapIndexedDataset(f"{prefix}_text_document")
-        got[" ".join(args)] = [int(ds[i][0]) for i in range(len(ds))]
+    for workers, partitions, sequential in ((2, 2, False), (1, 2, True), (3, 3, False)):
+        config = PreprocessConfig(
+            input=(str(tmp_path / "*.jsonl"),),
+            output_prefix=str(tmp_path / "o"),
+            tokenizer_type="NullTokenizer",
+            vocab_size=10,
+            workers=workers,
+            partitions=partitions,
+            keep_sequential_samples=sequential,
+            quiet=True,
+        )
+        with contextlib.redirect_stdout(io.StringIO()):
+            preprocess(config)  # in-process: the same engine as the tool
+        ds = MMapIndexedDataset(f"{config.output_prefix}_text_document")
+        flags = f"--partitions {partitions}" + (
+            " --keep-sequential-samples" if sequential else f" --workers {workers}"
+        )
+        got[flags] = [int(ds[i][0]) for i in range(len(ds))]
     # 0-based records: 1 2 3 4 | blank 6 7 8 9; even records 1 3 blank 7 9, odd 2 4 6 8
     assert got["--partitions 2 --workers 2"] == [1, 3, 7, 9, 2, 4, 6, 8]
     assert got["--partitions 2 --keep-sequential-samples"] == [1, 2, 3, 4, 6, 7, 8, 9]
