@@ -1,14 +1,19 @@
-"""The preprocessing engine behind ``tools/preprocess_data.py``: JSONL documents -> Megatron ``.bin/.idx``.
+"""The preprocessing engine behind ``tools/preprocess_data.py``: JSONL / Parquet / Arrow documents ->
+Megatron ``.bin/.idx``.
 
 :func:`preprocess` takes a :class:`PreprocessConfig` and writes ``{output_prefix}_{key}_document.bin/.idx``
-for every JSON key, byte-for-byte what Megatron-LM's ``preprocess_data.py`` writes for the same ids:
+for every key, byte-for-byte what Megatron-LM's ``preprocess_data.py`` writes for the same ids and flags:
 
-* chunks of lines (:mod:`megatron_cola.data.preprocess_input`) are parsed and tokenized in-process
-  (``workers=1``) or by a process pool with bounded look-ahead, and come back in input order;
-* ``partitions > 1`` runs contiguous parts of the input in parallel processes and merges the parts with
-  ``add_index`` in input order, so every workers/partitions combination writes the same bytes;
+* chunks of records (:mod:`megatron_cola.data.preprocess_input`: JSONL lines, or rows of Parquet / Arrow
+  files) are parsed and tokenized in-process (``workers=1``) or by a process pool with bounded look-ahead,
+  and come back in input order, so the worker count never changes the output;
+* ``partitions > 1`` runs parts of the input in parallel processes and merges them with ``add_index`` in
+  part order; as in Megatron-LM, record ``i`` belongs to part ``i % P`` (the output holds records 0, P,
+  2P, ..., then 1, P+1, ...), or with ``keep_sequential_samples`` the parts are contiguous (input order);
 * a document that tokenizes to nothing is recorded as Megatron records it: a document with no sequence
   (its boundary repeats in the document index) and no end-of-document token;
+* each dataset gets its tokenizer record ``{name}.meta.json`` (:mod:`megatron_cola.data.sidecar`), written
+  before the pair is published;
 * outputs are written as ``{name}.tmp-{pid}.bin/.idx`` and renamed when complete (``.idx`` last); any
   exception, Ctrl-C or (inside :func:`sigterm_as_interrupt`) SIGTERM removes the temporaries.
 """
@@ -82,9 +87,8 @@ def sigterm_as_interrupt() -> Iterator[None]:
 class PreprocessConfig:
     """What to tokenize and where to write it (the flags of ``tools/preprocess_data.py``)."""
 
-    input: tuple[
-        str, ...
-    ]  #: ``.jsonl`` / ``.jsonl.gz`` / ``.parquet`` / ``.arrow`` files, globs, saved datasets
+    #: ``.jsonl`` / ``.jsonl.gz`` / ``.parquet`` / ``.arrow`` files, globs, ``save_to_disk`` directories
+    input: tuple[str, ...]
     output_prefix: str  #: writes ``{output_prefix}_{key}_document.bin/.idx``
     tokenizer_type: str
     tokenizer_model: str | None = None
@@ -93,9 +97,7 @@ class PreprocessConfig:
     append_eod: bool = False  #: end-of-document id after every non-empty document
     workers: int = 1  #: tokenizer processes; 1 runs in-process
     partitions: int = 1  #: parallel parts of the input, merged in order
-    keep_sequential_samples: bool = (
-        False  #: contiguous partitions (input order) instead of Megatron's dealing
-    )
+    keep_sequential_samples: bool = False  #: contiguous partitions instead of Megatron's dealing
     strict: bool = False  #: the first bad line is fatal
     allow_empty: bool = False  #: write a dataset without tokens instead of raising DataError
     log_interval: int = 1000
