@@ -15,7 +15,12 @@ import pytest
 from megatron_cola.data import MMapIndexedDataset, SentencePieceTokenizer
 from megatron_cola.data.merge import merge
 from megatron_cola.data.preprocess import PreprocessConfig, preprocess
-from megatron_cola.data.sidecar import check_data_tokenizers, sidecar_path, tokenizer_record
+from megatron_cola.data.sidecar import (
+    check_data_tokenizers,
+    sidecar_path,
+    tokenizer_model_digest,
+    tokenizer_record,
+)
 from megatron_cola.errors import DataError
 from megatron_cola.training.arguments import build_train_config, parse_args
 from megatron_cola.training.data_setup import build_datasets
@@ -141,3 +146,18 @@ def test_merge_carries_and_checks_records(setup, tmp_path):
     assert len(MMapIndexedDataset(merged)) == len(MMapIndexedDataset(setup["a"])) + len(
         MMapIndexedDataset(bare)
     )
+
+
+def test_model_digest_of_a_hugging_face_directory(tmp_path):
+    """A directory hashes its tokenizer files (name and bytes), never the weights beside them."""
+    (tmp_path / "tokenizer.json").write_text('{"model": 1}')
+    (tmp_path / "tokenizer_config.json").write_text("{}")
+    (tmp_path / "model.safetensors").write_bytes(b"w" * 100)
+    first = tokenizer_model_digest(str(tmp_path))
+    (tmp_path / "model.safetensors").write_bytes(b"v" * 100)
+    assert tokenizer_model_digest(str(tmp_path)) == first
+    (tmp_path / "tokenizer.json").write_text('{"model": 2}')
+    assert tokenizer_model_digest(str(tmp_path)) != first
+    single = tmp_path / "tokenizer.json"
+    assert tokenizer_model_digest(str(single)) == hashlib.sha256(single.read_bytes()).hexdigest()
+    assert tokenizer_model_digest(None) is None

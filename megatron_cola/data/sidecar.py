@@ -32,8 +32,11 @@ __all__ = [
     "TokenizerRecord",
     "check_data_tokenizers",
     "dataset_record",
+    "describes",
     "read_sidecar",
+    "recorded_tokenizer",
     "sidecar_path",
+    "tokenizer_model_digest",
     "tokenizer_record",
     "write_sidecar",
 ]
