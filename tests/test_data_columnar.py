@@ -5,6 +5,7 @@ The reference is the JSONL path: the same texts written as JSONL give the expect
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 import shutil
@@ -200,3 +201,21 @@ def test_bad_arrow_and_directories(tmp_path):
         preprocess(_null_cfg(tmp_path / "dd", tmp_path))
     with pytest.raises(DataError, match=r"without state\.json .* DIR/\*\.parquet"):
         preprocess(_null_cfg(tmp_path / "dd" / "train", tmp_path))
+
+
+def test_arrow_file_format_and_dictionary_columns(tmp_path):
+    """The Arrow IPC file format (not only `datasets`' stream format) and dictionary-encoded string
+    columns give the JSONL bytes."""
+    texts = ["1 2", "3", "", "4 5 6", "7"] * 3
+    (tmp_path / "t.jsonl").write_text("".join(json.dumps({"text": t}) + "\n" for t in texts))
+    table = pa.table({"text": pa.array(texts).dictionary_encode()})
+    with pa.ipc.new_file(tmp_path / "t.arrow", table.schema) as w:
+        w.write_table(table, max_chunksize=4)
+    pq.write_table(table, tmp_path / "t.parquet", row_group_size=6)
+    blobs = set()
+    for name in ("t.jsonl", "t.arrow", "t.parquet"):
+        config = _null_cfg(tmp_path / name, tmp_path, partitions=2)
+        config = dataclasses.replace(config, output_prefix=str(tmp_path / name.replace(".", "_")))
+        preprocess(config)
+        blobs.add(_blob(f"{config.output_prefix}_text_document"))
+    assert len(blobs) == 1

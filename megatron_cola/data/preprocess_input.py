@@ -288,7 +288,6 @@ def _column_batches(
     row group / record batch (in slices of at most CHUNK_LINES rows) at a time."""
     import pyarrow as pa
 
-    group_start = 0
     if info.kind == "parquet":
         pf = _open_parquet(info.path)
         try:
@@ -296,7 +295,7 @@ def _column_batches(
         finally:
             pf.close()
         return
-    g = 0
+    group_start = g = 0
     try:
         for g, batch in enumerate(_arrow_batches(info.path)):
             n = batch.num_rows
