@@ -47,6 +47,7 @@ setup(
         "xxhash",
         "pybind11>=2.10",
         "tqdm",
+        "pyarrow",
         "tensorboard",
     ],
     extras_require={

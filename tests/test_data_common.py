@@ -37,6 +37,15 @@ WORDS = (
 ).split()
 
 
+def tool_env() -> dict[str, str]:
+    """The environment of a tool subprocess: this checkout's package first, one thread."""
+    return {
+        **os.environ,
+        "OMP_NUM_THREADS": "1",
+        "PYTHONPATH": os.pathsep.join([str(REPO), os.environ.get("PYTHONPATH", "")]),
+    }
+
+
 def run_tool(name: str, *args: str, check: bool = True, timeout: float = 120) -> subprocess.CompletedProcess:
     """Run ``python tools/{name}.py args...`` in a subprocess (text output captured)."""
     proc = subprocess.run(
@@ -45,7 +54,7 @@ def run_tool(name: str, *args: str, check: bool = True, timeout: float = 120) ->
         capture_output=True,
         text=True,
         timeout=timeout,
-        env={**os.environ, "OMP_NUM_THREADS": "1"},
+        env=tool_env(),
     )
     if check and proc.returncode != 0:
         raise AssertionError(f"{name} failed ({proc.returncode}):\n{proc.stdout}\n{proc.stderr}")

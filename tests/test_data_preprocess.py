@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import contextlib
 import gzip
+import io
 import json
 import os
 import re
@@ -16,6 +18,7 @@ import numpy as np
 import pytest
 
 from megatron_cola.data import MMapIndexedDataset, SentencePieceTokenizer
+from megatron_cola.data.preprocess import PreprocessConfig, preprocess
 
 from .test_data_common import (
     TOOLS,
@@ -23,6 +26,7 @@ from .test_data_common import (
     run_tool,
     spec_expected_idx_bytes,
     spec_read_dataset,
+    tool_env,
     train_tiny_spm,
     write_jsonl,
 )
@@ -30,6 +34,20 @@ from .test_data_common import (
 
 def _files(directory: Path) -> list[str]:
     return sorted(os.listdir(directory))
+
+
+def megatron_order(n: int, partitions: int) -> list[int]:
+    """The order Megatron-LM's preprocess_data.py writes ``n`` input lines in with ``--partitions P`` (no
+    --keep-sequential-samples): line i is dealt to partition i % P (blank lines count), each partition
+    keeps its lines in order, and the partitions are merged 0, 1, ..., P-1."""
+    return [i for k in range(partitions) for i in range(k, n, partitions)]
+
+
+def test_megatron_order_by_hand():
+    # worked by hand from Megatron's loop `index = (index + 1) % args.partitions`
+    assert megatron_order(10, 2) == [0, 2, 4, 6, 8, 1, 3, 5, 7, 9]
+    assert megatron_order(10, 3) == [0, 3, 6, 9, 1, 4, 7, 2, 5, 8]
+    assert megatron_order(3, 1) == [0, 1, 2]
 
 
 @pytest.fixture(scope="module")
@@ -47,26 +65,30 @@ def corpus(tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def round_trips(corpus):
-    """Preprocess the corpus with workers x partitions in {1, 2}^2."""
+    """Preprocess the corpus with workers x partitions in {1, 2}^2, and 2 x 2 --keep-sequential-samples."""
     out = {}
-    for workers in (1, 2):
-        for partitions in (1, 2):
-            prefix = corpus["root"] / f"out_w{workers}_p{partitions}" / "ds"
-            proc = run_tool(
-                "preprocess_data",
-                "--input", str(corpus["root"] / "in" / "*.jsonl*"), "--output-prefix", prefix,
-                "--tokenizer-type", "SentencePieceTokenizer", "--tokenizer-model", corpus["model"],
-                "--append-eod", "--workers", workers, "--partitions", partitions, "--log-interval", 50,
-            )  # fmt: skip
-            out[(workers, partitions)] = (f"{prefix}_text_document", proc)
+    for workers, partitions, sequential in ((1, 1, 0), (2, 1, 0), (1, 2, 0), (2, 2, 0), (2, 2, 1)):
+        prefix = corpus["root"] / f"out_w{workers}_p{partitions}_s{sequential}" / "ds"
+        proc = run_tool(
+            "preprocess_data",
+            "--input", str(corpus["root"] / "in" / "*.jsonl*"), "--output-prefix", prefix,
+            "--tokenizer-type", "SentencePieceTokenizer", "--tokenizer-model", corpus["model"],
+            "--append-eod", "--workers", workers, "--partitions", partitions, "--log-interval", 50,
+            *(["--keep-sequential-samples"] if sequential else []),
+        )  # fmt: skip
+        out[(workers, partitions, sequential)] = (f"{prefix}_text_document", proc)
     return out
 
 
-@pytest.mark.parametrize("workers,partitions", [(1, 1), (2, 1), (1, 2), (2, 2)])
-def test_round_trip_matches_direct_tokenization(corpus, round_trips, workers, partitions):
-    prefix, proc = round_trips[(workers, partitions)]
+@pytest.mark.parametrize(
+    "workers,partitions,sequential", [(1, 1, 0), (2, 1, 0), (1, 2, 0), (2, 2, 0), (2, 2, 1)]
+)
+def test_round_trip_matches_direct_tokenization(corpus, round_trips, workers, partitions, sequential):
+    prefix, proc = round_trips[(workers, partitions, sequential)]
     tok = SentencePieceTokenizer(corpus["model"])
-    expected = [tok.tokenize(d) + [tok.eod] for d in corpus["docs"]]
+    docs = corpus["docs"]  # a.jsonl then b.jsonl.gz: the dealing runs on over both files
+    order = range(len(docs)) if sequential else megatron_order(len(docs), partitions)
+    expected = [tok.tokenize(docs[i]) + [tok.eod] for i in order]
     ds = MMapIndexedDataset(prefix)
     assert ds.dtype == np.uint16
     assert len(ds) == len(expected)
@@ -85,15 +107,56 @@ def test_round_trip_matches_direct_tokenization(corpus, round_trips, workers, pa
     summary = proc.stdout.strip().splitlines()[-1]
     assert summary.startswith(f"done: {len(expected)} documents, {sum(map(len, expected))} tokens")
     assert "MB/s" in summary and "tokens/s" in summary
-    assert _files(Path(prefix).parent) == ["ds_text_document.bin", "ds_text_document.idx"]
+    assert _files(Path(prefix).parent) == [
+        "ds_text_document.bin",
+        "ds_text_document.idx",
+        "ds_text_document.meta.json",
+    ]
 
 
-def test_round_trips_are_identical(round_trips):
-    blobs = set()
-    for prefix, _ in round_trips.values():
-        with open(prefix + ".bin", "rb") as b, open(prefix + ".idx", "rb") as i:
-            blobs.add((b.read(), i.read()))
-    assert len(blobs) == 1
+def test_round_trips_identical_where_megatron_is(round_trips):
+    """The worker count never changes the bytes; the partition count does (Megatron's dealing) unless
+    --keep-sequential-samples, which gives the --partitions 1 bytes."""
+
+    def blob(key: tuple[int, int, int]) -> bytes:
+        prefix = round_trips[key][0]
+        return Path(prefix + ".bin").read_bytes() + Path(prefix + ".idx").read_bytes()
+
+    assert blob((1, 1, 0)) == blob((2, 1, 0)) == blob((2, 2, 1))
+    assert blob((1, 2, 0)) == blob((2, 2, 0)) != blob((1, 1, 0))
+
+
+def test_partitions_deal_lines_like_megatron(tmp_path):
+    """--partitions 2 --workers 2 against the order Megatron-LM writes, worked by hand: 9 lines over two
+    files (the count runs on across files; the blank line takes its turn) -> 1 3 7 9 | 2 4 6 8."""
+    (tmp_path / "a.jsonl").write_text("".join(json.dumps({"text": str(i)}) + "\n" for i in (1, 2, 3, 4)))
+    (tmp_path / "b.jsonl").write_text(
+        "\n" + "".join(json.dumps({"text": str(i)}) + "\n" for i in (6, 7, 8, 9))
+    )
+    got = {}
+    for workers, partitions, sequential in ((2, 2, False), (1, 2, True), (3, 3, False)):
+        config = PreprocessConfig(
+            input=(str(tmp_path / "*.jsonl"),),
+            output_prefix=str(tmp_path / "o"),
+            tokenizer_type="NullTokenizer",
+            vocab_size=10,
+            workers=workers,
+            partitions=partitions,
+            keep_sequential_samples=sequential,
+            quiet=True,
+        )
+        with contextlib.redirect_stdout(io.StringIO()):
+            preprocess(config)  # in-process: the same engine as the tool
+        ds = MMapIndexedDataset(f"{config.output_prefix}_text_document")
+        flags = f"--partitions {partitions}" + (
+            " --keep-sequential-samples" if sequential else f" --workers {workers}"
+        )
+        got[flags] = [int(ds[i][0]) for i in range(len(ds))]
+    # 0-based records: 1 2 3 4 | blank 6 7 8 9; even records 1 3 blank 7 9, odd 2 4 6 8
+    assert got["--partitions 2 --workers 2"] == [1, 3, 7, 9, 2, 4, 6, 8]
+    assert got["--partitions 2 --keep-sequential-samples"] == [1, 2, 3, 4, 6, 7, 8, 9]
+    # records mod 3: 1 4 7 | 2 blank 8 | 3 6 9
+    assert got["--partitions 3 --workers 3"] == [1, 4, 7, 2, 8, 3, 6, 9]
 
 
 def test_merge_equals_single_run(corpus, round_trips, tmp_path):
@@ -106,7 +169,7 @@ def test_merge_equals_single_run(corpus, round_trips, tmp_path):
             "--append-eod",
         )  # fmt: skip
         parts.append(f"{prefix}_text_document")
-    single = round_trips[(1, 1)][0]
+    single = round_trips[(1, 1, 0)][0]
     run_tool("merge_datasets", "--input", *parts, "--output-prefix", tmp_path / "merged" / "m")
     os.makedirs(tmp_path / "shards")
     for k, p in enumerate(parts):
@@ -173,12 +236,18 @@ def test_bad_lines_reported_skipped_and_counted(tmp_path, workers, partitions):
         assert [int(m.split(f"{src}:")[1].split(":")[0]) for m in warned] == [n for n, _ in expected_bad[:50]]
     assert f"skipped {len(expected_bad)} bad lines, recorded 30 empty documents" in proc.stdout
     ds = MMapIndexedDataset(f"{prefix}_text_document")
-    assert [ds[i].tolist() for i in range(3)] == [[1, 2, 3, 1000], [8, 9, 1000], [1, 2, 3, 1000]]
     assert len(ds) == 60
-    # per repeat: documents "1 2 3", "" (no sequence), "8 9" -> boundaries 0, 1, 1, 2, 3, 3, 4, ...
-    assert ds.document_indices.tolist() == [0] + [
-        x for r in range(30) for x in (2 * r + 1, 2 * r + 1, 2 * r + 2)
-    ]
+    if partitions == 1:
+        assert [ds[i].tolist() for i in range(3)] == [[1, 2, 3, 1000], [8, 9, 1000], [1, 2, 3, 1000]]
+        # per repeat: documents "1 2 3", "" (no sequence), "8 9" -> boundaries 0, 1, 1, 2, 3, 3, 4, ...
+        assert ds.document_indices.tolist() == [0] + [
+            x for r in range(30) for x in (2 * r + 1, 2 * r + 1, 2 * r + 2)
+        ]
+    else:  # records 10r and 10r + 8 ("1 2 3", "") go to partition 0, records 10r + 9 ("8 9") to partition 1
+        assert [ds[i].tolist() for i in range(len(ds))] == [[1, 2, 3, 1000]] * 30 + [[8, 9, 1000]] * 30
+        assert ds.document_indices.tolist() == [0] + [x for r in range(30) for x in (r + 1, r + 1)] + list(
+            range(31, 61)
+        )
 
 
 def test_strict_fails_cleanly(tmp_path):
@@ -238,7 +307,7 @@ def test_interrupted_run_leaves_no_valid_pair(tmp_path):
             [sys.executable, str(TOOLS / "preprocess_data.py"), "--input", str(src),
              "--output-prefix", str(prefix), "--tokenizer-type", "NullTokenizer", "--vocab-size", "1000",
              "--append-eod", "--quiet", "--workers", str(parallel * parallel), "--partitions", str(parallel)],
-            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=tool_env(),
         )  # fmt: skip
         deadline = time.time() + 60
         while not any(".tmp-" in f for f in (os.listdir(out) if out.exists() else [])):
@@ -299,7 +368,8 @@ def test_empty_documents_byte_identical_to_megatron_layout(tmp_path, workers, pa
         "--vocab-size", "100", "--append-eod", "--workers", workers, "--partitions", partitions, "--quiet",
     )  # fmt: skip
     lengths, bounds = [], [0]
-    for t in texts:  # Megatron: ids + EOD for a non-empty document, nothing for an empty one
+    for t in (texts[i] for i in megatron_order(len(texts), partitions)):
+        # Megatron: ids + EOD for a non-empty document, nothing for an empty one
         if t:
             lengths.append(len(t.split()) + 1)
         bounds.append(len(lengths))

@@ -10,6 +10,9 @@
 2. Runs ``tools/preprocess_data.py`` (in-process, with ``--append-eod``) for each worker count, best of
    ``--repeats``: documents/s, MB/s, tokens/s, and for ``--workers 1`` the share of the wall time spent
    outside the tokenizer (reading, JSON, numpy conversion, writing).
+   With ``--formats jsonl parquet`` the same documents are also written as Parquet (row groups of
+   ``--row-group-size`` rows) and each worker count runs on both inputs, alternating, best of
+   ``--repeats`` each; the outputs must be byte-identical and the Parquet/JSONL time ratio is printed.
 3. Builds a ``GPTDataset`` over the result and reads random samples: index build time and samples/s.
 """
 
@@ -29,6 +32,14 @@ import numpy as np
 import preprocess_data  # tools/preprocess_data.py: the benchmark runs its command line in-process
 
 from megatron_cola.data import GPTDataset, MMapIndexedDataset
+from megatron_cola.data.preprocess_input import (
+    ColumnChunk,
+    WorkUnit,
+    expand_inputs,
+    inspect_inputs,
+    iter_chunks,
+    parse_line,
+)
 from megatron_cola.data.sample_corpus import prepare as prepare_sample_corpus
 from megatron_cola.data.tokenizer_training import train_tokenizer
 
@@ -51,22 +62,96 @@ def ensure_tokenizer(corpus: str, model: str | None) -> str:
         return train_tokenizer([corpus], os.path.join(REPO, "data", "tokenizer", "sample_8k"), 8000)
 
 
+def preprocess_once(corpus: str, model: str, workers: int, prefix: str) -> dict:
+    args = preprocess_data.build_parser().parse_args(
+        [
+            "--input", corpus, "--output-prefix", prefix,
+            "--tokenizer-type", "SentencePieceTokenizer", "--tokenizer-model", model,
+            "--append-eod", "--workers", str(workers), "--quiet",
+        ]
+    )  # fmt: skip
+    with contextlib.redirect_stdout(io.StringIO()):  # the tool's own summary line
+        return preprocess_data.run(args)
+
+
 def bench_preprocess(corpus: str, model: str, workers: int, repeats: int, out_dir: str) -> dict:
     best: dict | None = None
     for _ in range(repeats):
-        args = preprocess_data.build_parser().parse_args(
-            [
-                "--input", corpus, "--output-prefix", os.path.join(out_dir, f"bench_w{workers}"),
-                "--tokenizer-type", "SentencePieceTokenizer", "--tokenizer-model", model,
-                "--append-eod", "--workers", str(workers), "--quiet",
-            ]
-        )  # fmt: skip
-        with contextlib.redirect_stdout(io.StringIO()):  # the tool's own summary line
-            summary = preprocess_data.run(args)
+        summary = preprocess_once(corpus, model, workers, os.path.join(out_dir, f"bench_w{workers}"))
         if best is None or summary["seconds"] < best["seconds"]:
             best = summary
     assert best is not None
     return best
+
+
+def jsonl_to_parquet(corpus: str, path: str, row_group_size: int) -> None:
+    """The ``text`` of every line of ``corpus`` as a one-column Parquet file (streamed, one row group at a
+    time)."""
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    schema = pa.schema([("text", pa.string())])
+    with open(corpus, encoding="utf-8") as f, pq.ParquetWriter(path, schema) as writer:
+        rows: list[str] = []
+        for line in f:
+            if line.strip():
+                rows.append(json.loads(line)["text"])
+            if len(rows) == row_group_size:
+                writer.write_table(pa.table({"text": rows}, schema=schema))
+                rows = []
+        if rows:
+            writer.write_table(pa.table({"text": rows}, schema=schema))
+
+
+def read_records(path: str) -> tuple[int, int]:
+    """The engine's input side alone (files -> chunks -> texts; for JSONL the JSON parsing too), no
+    tokenizer: ``(documents, characters)``."""
+    files = expand_inputs([path])
+    infos = {i.path: i for i in inspect_inputs(files, ["text"])}
+    docs = chars = 0
+    for chunk in iter_chunks([WorkUnit(f) for f in files], ["text"], None, infos):
+        if isinstance(chunk, ColumnChunk):
+            texts = [t for t in chunk.texts[0] if t is not None]
+        else:
+            texts = [t[0] for t, _ in (parse_line(raw, ["text"]) for _, raw in chunk[1]) if t is not None]
+        docs += len(texts)
+        chars += sum(map(len, texts))
+    return docs, chars
+
+
+def bench_formats(corpus: str, model: str, workers: int, repeats: int, out_dir: str, row_group: int) -> dict:
+    """JSONL and Parquet inputs of the same documents, alternating: per format the best preprocessing run
+    and the best reading-alone pass of ``repeats``."""
+    parquet = os.path.join(out_dir, "corpus.parquet")
+    if not os.path.isfile(parquet):
+        jsonl_to_parquet(corpus, parquet, row_group)
+    runs: dict[str, list[dict]] = {"jsonl": [], "parquet": []}
+    reads: dict[str, list[float]] = {"jsonl": [], "parquet": []}
+    chars: dict[str, int] = {}
+    for _ in range(repeats):
+        for fmt, path in (("jsonl", corpus), ("parquet", parquet)):
+            runs[fmt].append(
+                preprocess_once(path, model, workers, os.path.join(out_dir, f"fmt_{fmt}_w{workers}"))
+            )
+            t0 = time.perf_counter()
+            _, chars[fmt] = read_records(path)
+            reads[fmt].append(time.perf_counter() - t0)
+    for ext in (".bin", ".idx"):
+        blobs = {
+            open(os.path.join(out_dir, f"fmt_{f}_w{workers}_text_document{ext}"), "rb").read() for f in runs
+        }
+        if len(blobs) != 1:
+            raise SystemExit(f"Parquet and JSONL outputs differ ({ext})")
+    if chars["jsonl"] != chars["parquet"]:
+        raise SystemExit("Parquet and JSONL inputs hold different texts")
+    out: dict = {}
+    for fmt in runs:
+        out[fmt] = {**min(runs[fmt], key=lambda s: s["seconds"]), "read_seconds": min(reads[fmt])}
+        out[fmt]["read_chars"] = chars[fmt]
+    out["parquet_over_jsonl_time"] = out["parquet"]["seconds"] / out["jsonl"]["seconds"]
+    out["parquet_over_jsonl_read_time"] = out["parquet"]["read_seconds"] / out["jsonl"]["read_seconds"]
+    out["parquet_bytes"] = os.path.getsize(parquet)
+    return out
 
 
 def bench_read(prefix: str, seq_length: int, num_samples: int, reads: int, cache_dir: str) -> dict:
@@ -103,6 +188,14 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--num-samples", type=int, default=100_000, help="GPTDataset samples (several epochs)")
     p.add_argument("--reads", type=int, default=20_000, help="random samples to read")
     p.add_argument("--json", default=None, help="also write the results here")
+    p.add_argument(
+        "--formats",
+        nargs="+",
+        default=["jsonl"],
+        choices=["jsonl", "parquet"],
+        help="input formats to compare",
+    )
+    p.add_argument("--row-group-size", type=int, default=1000, help="rows per Parquet row group")
     args = p.parse_args(argv)
 
     if not os.path.isfile(args.corpus):
@@ -125,6 +218,23 @@ def main(argv: list[str] | None = None) -> int:
                 f"{s['tokens_per_s']:,.0f} tokens/s ({s['tokens']:,} tokens in {s['seconds']:.2f}s{extra})",
                 flush=True,
             )
+            if "parquet" in args.formats:
+                f = bench_formats(args.corpus, model, w, args.repeats, out_dir, args.row_group_size)
+                results.setdefault("formats", {})[w] = f
+                for fmt in ("jsonl", "parquet"):
+                    s = f[fmt]
+                    print(
+                        f"  input {fmt:7s} workers={w}: {s['seconds']:.3f}s, {s['docs_per_s']:,.0f} docs/s, "
+                        f"{s['tokens_per_s']:,.0f} tokens/s (file {s['input_bytes'] / 1e6:.2f} MB); "
+                        f"reading alone {s['read_seconds'] * 1e3:.1f} ms "
+                        f"({s['read_chars'] / 1e6 / s['read_seconds']:.0f}M chars/s)",
+                        flush=True,
+                    )
+                print(
+                    f"  parquet/jsonl time ratio workers={w}: {f['parquet_over_jsonl_time']:.3f} "
+                    f"(reading alone {f['parquet_over_jsonl_read_time']:.3f}; outputs byte-identical)",
+                    flush=True,
+                )
         prefix = os.path.join(out_dir, f"bench_w{args.workers[0]}_text_document")
         r = bench_read(prefix, args.seq_length, args.num_samples, args.reads, os.path.join(out_dir, "cache"))
         results["read"] = r

@@ -8,7 +8,8 @@
 
 Writes ``{output-prefix}.bin/.idx``; the result is byte-for-byte the dataset a single preprocessing run
 over the concatenated inputs would have written. All inputs must share a dtype. The output is written under
-a temporary name and renamed when complete.
+a temporary name and renamed when complete. Inputs whose tokenizer records (``PREFIX.meta.json``) name
+different tokenizers are refused; the output gets a record when every input has one.
 """
 
 from __future__ import annotations
@@ -38,10 +39,13 @@ def main(argv: list[str] | None = None) -> int:
         if args.input and len(args.input) == 1 and os.path.isdir(args.input[0]):
             args.input_dir, args.input = args.input[0], None  # Megatron's `--input DIR`
         prefixes = args.input if args.input else prefixes_in_dir(args.input_dir)
-        ds = merge(prefixes, args.output_prefix)
+        notes: list[str] = []
+        ds = merge(prefixes, args.output_prefix, notes)
     except MegatronColaError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 1
+    for note in notes:
+        print(note, file=sys.stderr)
     print(
         f"merged {len(prefixes)} datasets into {args.output_prefix}: {len(ds)} sequences, "
         f"{len(ds.document_indices) - 1} documents, {ds.num_tokens} tokens ({ds.dtype.name})"

@@ -1,5 +1,5 @@
 #!/usr/bin/env python
-"""Tokenize JSONL documents into Megatron ``.bin/.idx`` datasets (Megatron-LM's flags and output format).
+"""Tokenize JSONL / Parquet documents into Megatron ``.bin/.idx`` datasets (Megatron-LM's flags and output).
 
     python tools/preprocess_data.py --input data/sample/train.jsonl --output-prefix data/sample/train \\
         --tokenizer-type SentencePieceTokenizer --tokenizer-model data/tokenizer/sample_32k.model \\
@@ -7,7 +7,11 @@
 
 Writes ``{output-prefix}_{key}_document.bin/.idx`` for every ``--json-keys`` key, MMIDIDX v1, uint16 tokens
 when the vocabulary is below 65500 else int32, byte-for-byte what Megatron-LM's builder writes for the same
-ids. One JSON object per line; ``--input`` takes ``.jsonl``/``.jsonl.gz`` files and globs.
+ids, and beside each its tokenizer record ``.meta.json`` (checked at training start-up). ``--input`` takes
+``.jsonl``/``.jsonl.gz`` files (one JSON object per line), ``.parquet`` and ``.arrow`` files (read with
+pyarrow a row group at a time; ``--json-keys`` names the columns), Hugging Face ``datasets``
+``save_to_disk`` directories, and globs; a Parquet row gives the bytes the JSONL line with the same string
+gives.
 
 * Bad lines (not UTF-8, not JSON, not an object, a key missing or not a string, tokenizer error) are
   reported as ``file:line: reason``, skipped and counted; ``--strict`` makes the first one fatal (exit 1).
@@ -15,8 +19,10 @@ ids. One JSON object per line; ``--input`` takes ``.jsonl``/``.jsonl.gz`` files 
   no EOD) and counted; a run that yields no tokens at all is an error unless ``--allow-empty``.
 * ``--workers N`` tokenizes in N processes (``--workers 1`` runs in-process); order is always the input
   order, so the output does not depend on the worker count.
-* ``--partitions P`` splits the input into P contiguous byte ranges (whole files for ``.gz``) processed by
-  parallel processes with ``workers // P`` workers each, then merged; the result is identical to P=1.
+* ``--partitions P`` runs P parallel processes with ``workers // P`` workers each and writes their parts
+  one after another. As in Megatron-LM, records are dealt out in turn (record i to part i % P), so P=2
+  writes the even records, then the odd ones; ``--keep-sequential-samples`` cuts the input into
+  contiguous parts instead, giving the P=1 bytes.
 * Outputs are written under temporary names and renamed when complete (``.idx`` last), so an interrupted
   run never leaves a pair that looks valid; Ctrl-C and SIGTERM remove the temporaries.
 
@@ -54,6 +60,7 @@ def config_from_args(args: argparse.Namespace) -> PreprocessConfig:
         append_eod=args.append_eod,
         workers=args.workers,
         partitions=args.partitions,
+        keep_sequential_samples=args.keep_sequential_samples,
         strict=args.strict,
         allow_empty=args.allow_empty,
         log_interval=args.log_interval,
@@ -67,10 +74,20 @@ def run(args: argparse.Namespace) -> dict:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(description="Tokenize JSONL into Megatron .bin/.idx datasets.")
+    p = argparse.ArgumentParser(description="Tokenize JSONL or Parquet into Megatron .bin/.idx datasets.")
     g = p.add_argument_group("input data")
-    g.add_argument("--input", nargs="+", required=True, help=".jsonl / .jsonl.gz files or globs")
-    g.add_argument("--json-keys", nargs="+", default=["text"], help="keys to extract (one dataset each)")
+    g.add_argument(
+        "--input",
+        nargs="+",
+        required=True,
+        help=".jsonl / .jsonl.gz / .parquet / .arrow files, globs, or `datasets` save_to_disk directories",
+    )
+    g.add_argument(
+        "--json-keys",
+        nargs="+",
+        default=["text"],
+        help="JSON keys or Parquet columns to extract (one dataset each)",
+    )
     g.add_argument("--split-sentences", action="store_true", help="not supported (Megatron's BERT path)")
     g.add_argument(
         "--keep-newlines",
@@ -94,7 +111,18 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--output-prefix", required=True, help="writes PREFIX_{key}_document.bin/.idx")
     g = p.add_argument_group("runtime")
     g.add_argument("--workers", type=int, default=1, help="tokenizer processes (1: in-process)")
-    g.add_argument("--partitions", type=int, default=1, help="split the input into this many parallel parts")
+    g.add_argument(
+        "--partitions",
+        type=int,
+        default=1,
+        help="parallel parts; as in Megatron-LM, records are dealt out in turn and the parts written one "
+        "after another",
+    )
+    g.add_argument(
+        "--keep-sequential-samples",
+        action="store_true",
+        help="with --partitions, cut the input into contiguous parts so the output keeps the input order",
+    )
     g.add_argument(
         "--log-interval", type=int, default=1000, help="refresh the docs/s, tok/s figures every N docs"
     )

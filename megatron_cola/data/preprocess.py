@@ -1,14 +1,19 @@
-"""The preprocessing engine behind ``tools/preprocess_data.py``: JSONL documents -> Megatron ``.bin/.idx``.
+"""The preprocessing engine behind ``tools/preprocess_data.py``: JSONL / Parquet / Arrow documents ->
+Megatron ``.bin/.idx``.
 
 :func:`preprocess` takes a :class:`PreprocessConfig` and writes ``{output_prefix}_{key}_document.bin/.idx``
-for every JSON key, byte-for-byte what Megatron-LM's ``preprocess_data.py`` writes for the same ids:
+for every key, byte-for-byte what Megatron-LM's ``preprocess_data.py`` writes for the same ids and flags:
 
-* chunks of lines (:mod:`megatron_cola.data.preprocess_input`) are parsed and tokenized in-process
-  (``workers=1``) or by a process pool with bounded look-ahead, and come back in input order;
-* ``partitions > 1`` runs contiguous parts of the input in parallel processes and merges the parts with
-  ``add_index`` in input order, so every workers/partitions combination writes the same bytes;
+* chunks of records (:mod:`megatron_cola.data.preprocess_input`: JSONL lines, or rows of Parquet / Arrow
+  files) are parsed and tokenized in-process (``workers=1``) or by a process pool with bounded look-ahead,
+  and come back in input order, so the worker count never changes the output;
+* ``partitions > 1`` runs parts of the input in parallel processes and merges them with ``add_index`` in
+  part order; as in Megatron-LM, record ``i`` belongs to part ``i % P`` (the output holds records 0, P,
+  2P, ..., then 1, P+1, ...), or with ``keep_sequential_samples`` the parts are contiguous (input order);
 * a document that tokenizes to nothing is recorded as Megatron records it: a document with no sequence
   (its boundary repeats in the document index) and no end-of-document token;
+* each dataset gets its tokenizer record ``{name}.meta.json`` (:mod:`megatron_cola.data.sidecar`), written
+  before the pair is published;
 * outputs are written as ``{name}.tmp-{pid}.bin/.idx`` and renamed when complete (``.idx`` last); any
   exception, Ctrl-C or (inside :func:`sigterm_as_interrupt`) SIGTERM removes the temporaries.
 """
@@ -25,6 +30,7 @@ import time
 from collections import deque
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
+from typing import Any
 
 import numpy as np
 
@@ -37,13 +43,18 @@ from megatron_cola.data.indexed_dataset import (
     remove_dataset,
 )
 from megatron_cola.data.preprocess_input import (
+    ColumnChunk,
+    Deal,
+    InputInfo,
     WorkUnit,
     expand_inputs,
+    inspect_inputs,
     iter_chunks,
     parse_line,
     plan_partitions,
 )
 from megatron_cola.data.preprocess_report import Progress, Stats, summarize
+from megatron_cola.data.sidecar import dataset_record, tokenizer_record, write_sidecar
 from megatron_cola.data.tokenizers import AbstractTokenizer, build_tokenizer
 from megatron_cola.errors import DataError, MegatronColaError
 
@@ -76,7 +87,8 @@ def sigterm_as_interrupt() -> Iterator[None]:
 class PreprocessConfig:
     """What to tokenize and where to write it (the flags of ``tools/preprocess_data.py``)."""
 
-    input: tuple[str, ...]  #: ``.jsonl`` / ``.jsonl.gz`` files or globs
+    #: ``.jsonl`` / ``.jsonl.gz`` / ``.parquet`` / ``.arrow`` files, globs, ``save_to_disk`` directories
+    input: tuple[str, ...]
     output_prefix: str  #: writes ``{output_prefix}_{key}_document.bin/.idx``
     tokenizer_type: str
     tokenizer_model: str | None = None
@@ -85,6 +97,7 @@ class PreprocessConfig:
     append_eod: bool = False  #: end-of-document id after every non-empty document
     workers: int = 1  #: tokenizer processes; 1 runs in-process
     partitions: int = 1  #: parallel parts of the input, merged in order
+    keep_sequential_samples: bool = False  #: contiguous partitions instead of Megatron's dealing
     strict: bool = False  #: the first bad line is fatal
     allow_empty: bool = False  #: write a dataset without tokens instead of raising DataError
     log_interval: int = 1000
@@ -102,7 +115,7 @@ class ChunkResult:
     input_bytes: int = 0
     blank: int = 0
     empty: dict[str, int] = field(default_factory=dict)
-    bad: list[tuple[str, int, str]] = field(default_factory=list)
+    bad: list[tuple[str, str, str]] = field(default_factory=list)  #: (where, reason, "line" or "row")
     tokenize_seconds: float = 0.0
 
     @property
@@ -142,17 +155,27 @@ def _tokenize_all(
     return ids, time.perf_counter() - t0
 
 
-def process_chunk(chunk: tuple[str, list[tuple[int, bytes]]]) -> ChunkResult:
-    """Parse and tokenize one chunk (runs in a worker, or in-process for ``workers=1``)."""
-    path, lines = chunk
-    tok = _TOKENIZER
-    assert tok is not None, "worker not initialised"
-    keys: list[str] = _CONFIG["keys"]
-    eod = tok.eod if _CONFIG["append_eod"] else None
-
-    result = ChunkResult(tokens={}, lengths={}, empty=dict.fromkeys(keys, 0))
-    good_lines: list[int] = []
+def _read_records(
+    chunk: tuple[str, list[tuple[int, bytes]]] | ColumnChunk, keys: list[str], result: ChunkResult
+) -> tuple[list[tuple[int, str]], list[list[str]], list[tuple[int, str, str]]]:
+    """The good records of a chunk: ``(order, where)`` of each, their texts per key, and the bad ones as
+    ``(order, where, reason)``."""
+    good: list[tuple[int, str]] = []
     texts_per_key: list[list[str]] = [[] for _ in keys]
+    bad: list[tuple[int, str, str]] = []
+    if isinstance(chunk, ColumnChunk):
+        result.input_bytes += chunk.nbytes
+        for j, row in enumerate(chunk.rows):
+            where = f"{chunk.path}: row {row} ({chunk.group_name} {chunk.group})"
+            nulls = [key for k, key in enumerate(keys) if chunk.texts[k][j] is None]
+            if nulls:
+                bad.append((row, where, f"column {nulls[0]!r} is null, expected a string"))
+                continue
+            good.append((row, where))
+            for k in range(len(keys)):
+                texts_per_key[k].append(chunk.texts[k][j])
+        return good, texts_per_key, bad
+    path, lines = chunk
     for line_no, raw in lines:
         result.input_bytes += len(raw)
         if not raw.strip():
@@ -160,11 +183,24 @@ def process_chunk(chunk: tuple[str, list[tuple[int, bytes]]]) -> ChunkResult:
             continue
         texts, reason = parse_line(raw, keys)
         if texts is None:
-            result.bad.append((path, line_no, reason or "unreadable"))
+            bad.append((line_no, f"{path}:{line_no}", reason or "unreadable"))
             continue
-        good_lines.append(line_no)
+        good.append((line_no, f"{path}:{line_no}"))
         for k, t in enumerate(texts):
             texts_per_key[k].append(t)
+    return good, texts_per_key, bad
+
+
+def process_chunk(chunk: tuple[str, list[tuple[int, bytes]]] | ColumnChunk) -> ChunkResult:
+    """Parse and tokenize one chunk (runs in a worker, or in-process for ``workers=1``)."""
+    tok = _TOKENIZER
+    assert tok is not None, "worker not initialised"
+    keys: list[str] = _CONFIG["keys"]
+    eod = tok.eod if _CONFIG["append_eod"] else None
+
+    result = ChunkResult(tokens={}, lengths={}, empty=dict.fromkeys(keys, 0))
+    good, texts_per_key, bad = _read_records(chunk, keys, result)
+    what = "row" if isinstance(chunk, ColumnChunk) else "line"
 
     failed: dict[int, str] = {}
     ids_per_key = []
@@ -173,10 +209,11 @@ def process_chunk(chunk: tuple[str, list[tuple[int, bytes]]]) -> ChunkResult:
         result.tokenize_seconds += seconds
         ids_per_key.append(ids)
     for j in sorted(failed):
-        result.bad.append((path, good_lines[j], failed[j]))
-    result.bad.sort(key=lambda b: b[1])
+        bad.append((good[j][0], good[j][1], failed[j]))
+    bad.sort(key=lambda b: b[0])
+    result.bad = [(where, reason, what) for _, where, reason in bad]
 
-    result.docs = len(good_lines) - len(failed)
+    result.docs = len(good) - len(failed)
     for k, key in enumerate(keys):
         flat: list[int] = []
         lengths: list[int] = []
@@ -196,9 +233,7 @@ def process_chunk(chunk: tuple[str, list[tuple[int, bytes]]]) -> ChunkResult:
     return result
 
 
-def _ordered_results(
-    chunks: Iterator[tuple[str, list[tuple[int, bytes]]]], workers: int, init_args: tuple
-) -> Iterator[ChunkResult]:
+def _ordered_results(chunks: Iterator[Any], workers: int, init_args: tuple) -> Iterator[ChunkResult]:
     """Results in input order; ``workers > 1`` uses a process pool with bounded look-ahead."""
     if workers <= 1:
         _init_worker(*init_args)
@@ -217,23 +252,27 @@ def _ordered_results(
 
 # ---------------------------------------------------------------------------------------------- one partition
 def run_partition(
-    units: list[WorkUnit],
+    work: tuple[list[WorkUnit], Deal | None],
+    infos: dict[str, InputInfo],
     out_prefixes: dict[str, str],
     workers: int,
     init_args: tuple,
     strict: bool,
     on_result: Callable[[ChunkResult], None],
 ) -> Stats:
-    """Tokenize ``units`` into one ``.bin/.idx`` pair per key at ``out_prefixes[key]``."""
+    """Tokenize the records of ``work`` (units, deal) into one ``.bin/.idx`` pair per key at
+    ``out_prefixes[key]``."""
     dtype = init_args[1]["dtype"]
     builders = {key: MMapIndexedDatasetBuilder(data_file_path(p), dtype) for key, p in out_prefixes.items()}
     stats = Stats()
-    results = _ordered_results(iter_chunks(units), workers, init_args)
+    units, deal = work
+    chunks = iter_chunks(units, init_args[1]["keys"], deal, infos)
+    results = _ordered_results(chunks, workers, init_args)
     try:
         for result in results:
             if result.bad and strict:
-                path, line, reason = result.bad[0]
-                raise StrictError(f"{path}:{line}: {reason}")
+                where, reason, _ = result.bad[0]
+                raise StrictError(f"{where}: {reason}")
             for key, builder in builders.items():
                 builder.add_documents(result.tokens[key], result.lengths[key], empty_as_no_sequence=True)
             stats.add(result)
@@ -256,7 +295,8 @@ class _Stopped(Exception):
 
 def _partition_process(
     k: int,
-    units: list[WorkUnit],
+    work: tuple[list[WorkUnit], Deal | None],
+    infos: dict[str, InputInfo],
     out_prefixes: dict[str, str],
     workers: int,
     init_args: tuple,
@@ -274,7 +314,7 @@ def _partition_process(
             raise _Stopped
 
     try:
-        stats = run_partition(units, out_prefixes, workers, init_args, strict, on_result)
+        stats = run_partition(work, infos, out_prefixes, workers, init_args, strict, on_result)
     except (MegatronColaError, OSError) as exc:  # the user's input, files or disk
         text = f"{exc.filename}: {exc.strerror}" if isinstance(exc, OSError) and exc.filename else str(exc)
         queue.put(("fatal", k, text, type(exc) is StrictError, True))
@@ -303,7 +343,8 @@ def _stop_partitions(procs: list, queue, stop, grace: float = 30.0) -> None:
 
 
 def _run_partitions(
-    plan: list[list[WorkUnit]],
+    plan: list[tuple[list[WorkUnit], Deal | None]],
+    infos: dict[str, InputInfo],
     part_prefixes: list[dict[str, str]],
     workers: int,
     init_args: tuple,
@@ -316,9 +357,10 @@ def _run_partitions(
     queue, stop = ctx.Queue(), ctx.Event()
     procs = [
         ctx.Process(
-            target=_partition_process, args=(k, units, part_prefixes[k], workers, init_args, strict, queue, stop)
+            target=_partition_process,
+            args=(k, work, infos, part_prefixes[k], workers, init_args, strict, queue, stop),
         )
-        for k, units in enumerate(plan)
+        for k, work in enumerate(plan)
     ]
     for p in procs:
         p.start()
@@ -330,7 +372,9 @@ def _run_partitions(
             except queue_module.Empty:
                 dead = [k for k, p in enumerate(procs) if p.exitcode not in (None, 0)]
                 if dead:
-                    raise RuntimeError(f"partition {dead[0]} died (exit code {procs[dead[0]].exitcode})") from None
+                    raise RuntimeError(
+                        f"partition {dead[0]} died (exit code {procs[dead[0]].exitcode})"
+                    ) from None
                 continue
             if msg[0] == "progress":
                 report(*msg[2:])
@@ -379,6 +423,22 @@ def _check_not_empty(config: PreprocessConfig, stats: Stats) -> None:
             )
 
 
+def _recorded_flags(config: PreprocessConfig, key: str) -> dict:
+    """The preprocessing flags kept in a dataset's ``.meta.json`` record."""
+    return {
+        "tool": "tools/preprocess_data.py",
+        "input": list(config.input),
+        "json_key": key,
+        "json_keys": list(config.json_keys),
+        "append_eod": config.append_eod,
+        "workers": config.workers,
+        "partitions": config.partitions,
+        "keep_sequential_samples": config.keep_sequential_samples,
+        "strict": config.strict,
+        "allow_empty": config.allow_empty,
+    }
+
+
 def output_prefixes(output_prefix: str, keys: tuple[str, ...] | list[str]) -> dict[str, str]:
     """``{key: f"{output_prefix}_{key}_document"}``."""
     return {key: f"{output_prefix}_{key}_document" for key in keys}
@@ -400,6 +460,7 @@ def preprocess(config: PreprocessConfig) -> dict:
 
 def _preprocess(config: PreprocessConfig) -> dict:
     files = expand_inputs(list(config.input))
+    infos = {i.path: i for i in inspect_inputs(files, config.json_keys)}
     tokenizer_args = (config.tokenizer_type, config.tokenizer_model, config.vocab_size)
     tokenizer = build_tokenizer(*tokenizer_args)
     dtype = np.dtype(best_fitting_dtype(tokenizer.vocab_size))
@@ -412,31 +473,34 @@ def _preprocess(config: PreprocessConfig) -> dict:
     pid = os.getpid()
     tmps = {key: f"{p}.tmp-{pid}" for key, p in finals.items()}
 
-    plan = plan_partitions(files, config.partitions)
+    plan = plan_partitions(list(infos.values()), config.partitions, config.keep_sequential_samples)
     progress = None if config.quiet else Progress(sum(os.path.getsize(f) for f in files), config.log_interval)
 
-    def report(docs: int, nbytes: int, tokens: int, bad: list[tuple[str, int, str]]) -> None:
+    def report(docs: int, nbytes: int, tokens: int, bad: list[tuple[str, str, str]]) -> None:
         if progress is not None:
             progress.update(docs, nbytes, tokens, bad)
         else:
-            for path, line, reason in bad:
-                print(f"warning: {path}:{line}: {reason} (line skipped)", file=sys.stderr)
+            for where, reason, what in bad:
+                print(f"warning: {where}: {reason} ({what} skipped)", file=sys.stderr)
 
     t0 = time.perf_counter()
     part_prefixes: list[dict[str, str]] = []
     try:
         if len(plan) == 1:
             on_result = lambda r: report(r.docs, r.input_bytes, r.num_tokens, r.bad)  # noqa: E731
-            stats = run_partition(plan[0], tmps, config.workers, init_args, config.strict, on_result)
+            stats = run_partition(plan[0], infos, tmps, config.workers, init_args, config.strict, on_result)
         else:
             part_prefixes = [
                 {key: f"{p}.part{k}.tmp-{pid}" for key, p in finals.items()} for k in range(len(plan))
             ]
             workers = max(1, config.workers // len(plan))
-            stats = _run_partitions(plan, part_prefixes, workers, init_args, config.strict, report)
+            stats = _run_partitions(plan, infos, part_prefixes, workers, init_args, config.strict, report)
             _merge_parts(part_prefixes, tmps, dtype)
         _check_not_empty(config, stats)
-        for key in finals:
+        tok_record = tokenizer_record(*tokenizer_args[:2], tokenizer.vocab_size, tokenizer.eod)
+        for key in finals:  # the record first: a published .idx always has its own
+            flags = _recorded_flags(config, key)
+            write_sidecar(finals[key], dataset_record(tmps[key], tok_record, dtype.name, flags))
             commit_dataset(tmps[key], finals[key])
     finally:
         if progress is not None:

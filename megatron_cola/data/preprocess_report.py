@@ -75,11 +75,11 @@ class Progress:
         self.bad = 0
         self._next_log = self.log_interval
 
-    def update(self, docs: int, nbytes: int, tokens: int, bad: list[tuple[str, int, str]]) -> None:
-        for path, line, reason in bad:
+    def update(self, docs: int, nbytes: int, tokens: int, bad: list[tuple[str, str, str]]) -> None:
+        for where, reason, what in bad:
             self.bad += 1
             if self.bad <= MAX_REPORTED_BAD_LINES:
-                self.bar.write(f"warning: {path}:{line}: {reason} (line skipped)", file=sys.stderr)
+                self.bar.write(f"warning: {where}: {reason} ({what} skipped)", file=sys.stderr)
             elif self.bad == MAX_REPORTED_BAD_LINES + 1:
                 self.bar.write(
                     "warning: more bad lines; only the count is reported from now on", file=sys.stderr

@@ -101,5 +101,7 @@ def train_tokenizer(
         with atomic_open(model_path, "wb") as f:
             f.write(data)
     except OSError as exc:
-        raise DataError(f"--model-prefix {model_prefix!r}: cannot write {exc.filename} ({exc.strerror})") from exc
+        raise DataError(
+            f"--model-prefix {model_prefix!r}: cannot write {exc.filename} ({exc.strerror})"
+        ) from exc
     return model_path

@@ -8,15 +8,24 @@ import torch
 
 from megatron_cola.errors import DataError, MegatronColaError
 from megatron_cola.parallel import ParallelState
+from megatron_cola.training.logging_utils import print_rank_0
 from megatron_cola.training.train_config import TrainConfig
 
 
-def build_datasets(cfg: TrainConfig, vocab_size: int) -> tuple[Any, Any, Any]:
+def build_datasets(cfg: TrainConfig, vocab_size: int, eod: int | None = None) -> tuple[Any, Any, Any]:
     """Train, validation and test datasets (``None`` where the split is empty), sized for the whole run.
 
+    With ``eod`` (the run's tokenizer's), each dataset's ``.meta.json`` tokenizer record is first checked
+    against the run's tokenizer (:class:`DataError` naming both; a one-line note for datasets without one).
     Every sample's token ids are bound-checked against the tokenizer's ``vocab_size`` as it is read, so data
     tokenized with another tokenizer stops the run with a message naming the file, document and id."""
-    from megatron_cola.data import build_train_valid_test_datasets
+    from megatron_cola.data import build_train_valid_test_datasets, parse_data_path
+    from megatron_cola.data.sidecar import check_data_tokenizers, tokenizer_record
+
+    if eod is not None:
+        run = tokenizer_record(cfg.tokenizer_type, cfg.tokenizer_model, vocab_size, eod)
+        for note in check_data_tokenizers(parse_data_path(list(cfg.data_path))[0], run):
+            print_rank_0(note)
 
     gbs = cfg.global_batch_size
     evals = cfg.train_iters // cfg.eval_interval + 1

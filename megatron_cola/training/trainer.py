@@ -70,7 +70,9 @@ class Trainer:
         print_rank_0(self._banner())
         self._build_engine()
         self.history["start_iteration"] = self.iteration
-        self.train_ds, self.valid_ds, self.test_ds = build_datasets(cfg, self.tokenizer.vocab_size)
+        self.train_ds, self.valid_ds, self.test_ds = build_datasets(
+            cfg, self.tokenizer.vocab_size, self.tokenizer.eod
+        )
         self.writer = MetricsWriter(cfg.tensorboard_dir, enabled=dist.get_rank() == 0)
         self.step_log = StepLog(self.parallel, self.writer)
         self.guard = RunGuard(cfg, self.engine, self.device, self.signals, self.start_time)
