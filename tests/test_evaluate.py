@@ -133,16 +133,19 @@ def test_unknown_task_and_missing_load(tmp_path, capsys) -> None:
 
 
 def test_cloze_builder_is_deterministic() -> None:
-    docs = ["\n".join(f"Line {k} of play {d}, spoken by a player here." for k in range(12)) for d in range(6)]
+    docs = [
+        "\n".join(f"play{d} line {k}, spoken by a player here, play{d}" for k in range(12)) for d in range(6)
+    ]
     items = cloze_items(docs, 10, context_chars=120, seed=3)
     assert items == cloze_items(docs, 10, context_chars=120, seed=3)
     for item in items:
         assert len(item["choices"]) == 4 and len(set(item["choices"])) == 4
         answer = item["choices"][item["label"]]
-        # the answer is the line after the context in its own play; the distractors come from other plays
-        play = answer.split("play ")[1].split(",")[0]
-        assert (item["context"] + answer) in docs[int(play)]
-        assert all(f"play {play}," not in c for i, c in enumerate(item["choices"]) if i != item["label"])
+        # the context ends inside a line whose rest is the answer; the distractors end lines of other plays
+        play = answer.rsplit("play", 1)[1]
+        assert (item["context"] + answer + "\n") in docs[int(play)] + "\n"
+        assert item["context"].rsplit("\n", 1)[-1].startswith(f"play{play} line ")
+        assert all(not c.endswith(f"play{play}") for i, c in enumerate(item["choices"]) if i != item["label"])
     assert [p["text"] for p in passages(docs, 3, passage_chars=100)] == [
         docs[i][: docs[i][:100].rindex("\n")] for i in (0, 2, 4)
     ]

@@ -4,11 +4,11 @@ The sample corpus (``tools/prepare_sample_corpus.py``: Shakespeare's plays, spli
 and ``valid.jsonl``) is what ``make quickstart`` trains on. Its validation documents, never trained on,
 give two JSONL files under ``megatron_cola/convert/lm_eval_tasks/sample_cloze/``:
 
-- ``sample_cloze_mc.jsonl``: multiple-choice cloze items. ``context`` is the text of a scene up to the end
-  of a line (at most ``context_chars`` characters, cut at a line start); ``choices`` are the true next line
-  and ``distractors`` lines drawn from other documents, in a seeded random order; ``label`` is the index of
-  the true line. Only lines of spoken text (not speaker names, stage directions or headings) of 20-80
-  characters are used, as answers and as distractors.
+- ``sample_cloze_mc.jsonl``: multiple-choice cloze items. A line of spoken text (not a speaker name, stage
+  direction or heading; 20-80 characters) is cut at the space nearest its middle; ``context`` is the
+  scene's text before it (at most ``context_chars`` characters, cut at a line start) plus the line's first
+  half; ``choices`` are the line's true second half and ``distractors`` second halves of lines from other
+  documents, in a seeded random order; ``label`` is the index of the true one.
 - ``sample_cloze_ppl.jsonl``: ``text`` passages (the first ``passage_chars`` of documents, cut at a line
   end) scored with ``loglikelihood_rolling`` (word and byte perplexity, bits per byte).
 
@@ -54,6 +54,13 @@ def read_documents(corpus_jsonl: str) -> list[str]:
     return docs
 
 
+def split_line(line: str) -> tuple[str, str]:
+    """A line cut at the space nearest its middle: ``("But, by your leave, it", " never yet did hurt")``."""
+    spaces = [i for i, c in enumerate(line) if c == " " and 0 < i < len(line) - 1]
+    cut = min(spaces, key=lambda i: abs(i - len(line) / 2)) if spaces else len(line) // 2
+    return line[:cut], line[cut:]
+
+
 def cloze_items(
     docs: list[str], n_items: int, distractors: int = 3, context_chars: int = 300, seed: int = 1234
 ) -> list[dict]:
@@ -63,7 +70,7 @@ def cloze_items(
     candidates = [
         (d, i) for d, ls in enumerate(lines) for i, line in enumerate(ls) if i >= 4 and _spoken(line)
     ]
-    pool = [(d, line) for d, ls in enumerate(lines) for line in ls if _spoken(line)]
+    pool = [(d, split_line(line)[1]) for d, ls in enumerate(lines) for line in ls if _spoken(line)]
     if len(candidates) < n_items or len({d for d, _ in pool}) < 2:
         raise DataError(
             f"the corpus has {len(candidates)} usable lines, fewer than the {n_items} items asked"
@@ -72,12 +79,12 @@ def cloze_items(
     items = []
     for k in range(n_items):
         d, i = candidates[int(k * step)]
-        context = ""
+        head, answer = split_line(lines[d][i])
+        context = head
         for line in reversed(lines[d][:i]):
-            if context and len(line) + 1 + len(context) > context_chars:
+            if len(line) + 1 + len(context) > context_chars:
                 break
             context = line + "\n" + context
-        answer = lines[d][i]
         wrong: list[str] = []
         while len(wrong) < distractors:
             other_doc, other = pool[rng.randrange(len(pool))]
