@@ -108,10 +108,10 @@ def test_sample_cloze_on_hf_folders_and_checkpoint(models: dict[str, str], tmp_p
     # CPU: deterministic), written next to the checkpoint by default.
     ckpt = tmp_path / "ckpt"
     import_hf_folder(models["trained"], str(ckpt))
-    assert main(["--load", str(ckpt), "--tasks", "sample_cloze_ppl,sample_cloze_mc"]) == 0
+    assert main(["--load", str(ckpt), "--tasks", "sample_cloze_ppl"]) == 0  # the cheaper subtask
     again = json.loads((ckpt / "lm_eval_iter_0000000.json").read_text())
     assert again["source"]["kind"] == "checkpoint" and again["source"]["checkpoint"] == "iter_0000000"
-    assert _metrics(again) == trained
+    assert _metrics(again) == {k: v for k, v in trained.items() if k.startswith("sample_cloze_ppl/")}
     assert all(math.isfinite(v) for v in trained.values())
 
 
