@@ -7,7 +7,7 @@ STAMP  := $(VENV)/.installed
 
 export OMP_NUM_THREADS ?= 1
 
-.PHONY: setup setup-mpi setup-slurm test lint quickstart
+.PHONY: setup setup-mpi setup-slurm test lint quickstart compare
 
 setup: $(STAMP)
 
@@ -31,6 +31,11 @@ lint: setup
 # Pre-train the debug CoLA model on the bundled sample corpus (CPU, 2 processes); see examples/quickstart.sh.
 quickstart: setup
 	bash examples/quickstart.sh
+
+# Train the debug CoLA model and its full-rank twin on the sample corpus for the same tokens, then draw
+# loss vs tokens and vs training FLOPs and write a table (runs/compare/); see examples/compare.sh.
+compare: setup
+	bash examples/compare.sh
 
 # Optional: Open MPI and mpi4py, for `mpirun` launches (examples/mpi) and their test. Needs apt (root).
 setup-mpi: setup

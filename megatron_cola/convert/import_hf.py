@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import os
 import shutil
+import warnings
 from typing import Any
 
 import torch
@@ -119,7 +120,14 @@ def import_hf_folder(
     os.makedirs(save_dir, exist_ok=True)
     tokenizer_info = None
     vocab_size = None
-    if spec is not None:
+    if spec is None:
+        warnings.warn(
+            f"{hf_dir} has no tokenizer (no tokenizer.model, tokenizer.json or tokenizer_config.json): the "
+            "checkpoint records none; pass --tokenizer-model PATH here, or give pretrain_cola.py its "
+            "--tokenizer-type/--tokenizer-model",
+            stacklevel=2,
+        )
+    else:
         spec.check_exists()
         tokenizer_info = _copy_tokenizer(spec, save_dir)
         n = tokenizer_vocab_size(spec)

@@ -39,6 +39,7 @@ def build_parser() -> argparse.ArgumentParser:
     _add_checkpoint_and_logging_flags(p)
     _add_run_time_guard_flags(p)
     _add_performance_flags(p)
+    _add_wandb_flags(p)
     return p
 
 
@@ -222,6 +223,40 @@ def _check_performance_flags(v: dict[str, Any]) -> None:
         )
 
 
+# ------------------------------------------------------------------ Weights & Biases (issue 21)
+def _add_wandb_flags(p: argparse.ArgumentParser) -> None:
+    g = p.add_argument_group("Weights & Biases (optional: needs the wandb package; WANDB_MODE=offline works)")
+    g.add_argument(
+        "--wandb-project",
+        default=None,
+        help="log the TensorBoard scalars to this W&B project too (rank 0)",
+    )
+    g.add_argument("--wandb-exp-name", default=None, help="W&B run name (default: W&B picks one)")
+    g.add_argument("--wandb-save-dir", default=None, help="where W&B writes its files (default: SAVE/wandb)")
+
+
+def _check_wandb(v: dict[str, Any]) -> None:
+    if not v["wandb_project"]:
+        for flag in ("wandb_exp_name", "wandb_save_dir"):
+            if v[flag]:
+                raise ArgumentError(
+                    f"--{flag.replace('_', '-')} is given without --wandb-project: nothing would be logged "
+                    "to Weights & Biases; add --wandb-project NAME"
+                )
+        return
+    import importlib.util
+
+    if importlib.util.find_spec("wandb") is None:
+        raise ArgumentError(
+            "--wandb-project needs the wandb package, which is not importable: pip install wandb "
+            "(or drop --wandb-project)"
+        )
+    if not v["wandb_save_dir"] and not v["save"]:
+        raise ArgumentError(
+            "--wandb-project needs --wandb-save-dir DIR or --save DIR (files go to SAVE/wandb)"
+        )
+
+
 def world_size_from_env() -> int:
     """The launcher's world size (torchrun/deepspeed, Open MPI, MPICH/Intel MPI, SLURM srun), else 1."""
     for key in ("WORLD_SIZE", "OMPI_COMM_WORLD_SIZE", "PMI_SIZE", "SLURM_NTASKS"):
@@ -279,6 +314,7 @@ def build_train_config(args: argparse.Namespace, world_size: int | None = None) 
     _check_data_and_tokenizer(v)
     _reconcile_deepspeed_config(v)
     _check_performance_flags(v)
+    _check_wandb(v)
     if v["finetune"] and not v["load"]:
         raise ArgumentError("--finetune needs --load DIR")
     _model_args(v, None)  # the model's own checks, before any process-group work

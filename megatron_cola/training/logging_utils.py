@@ -1,14 +1,20 @@
-"""Training logs: Megatron-shaped console lines, TensorBoard scalars and a ``metrics.jsonl`` per run."""
+"""Training logs: Megatron-shaped console lines, ``metrics.jsonl``, TensorBoard scalars and (optionally)
+Weights & Biases, the last two fed the same scalar points through one writer (``MetricsWriter``)."""
 
 from __future__ import annotations
 
+import abc
 import json
 import os
 import resource
 import sys
-from typing import Any
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Any
 
 import torch
+
+if TYPE_CHECKING:
+    from megatron_cola.training.train_config import TrainConfig
 
 # Dense bf16 peak TFLOP/s by GPU name fragment, for MFU.
 _PEAK_BF16_TFLOPS = {"H200": 989.0, "H100": 989.0, "A100": 312.0, "A800": 312.0, "L40": 181.0, "A10": 125.0}
@@ -60,23 +66,131 @@ def format_train_line(m: dict[str, Any]) -> str:
     return " | ".join(parts) + " |"
 
 
-class MetricsWriter:
-    """TensorBoard scalars and ``metrics.jsonl`` in ``--tensorboard-dir`` (rank 0 only; no-op elsewhere)."""
+Scalar = tuple[str, float, int]
+"""``(tag, value, step)`` of one scalar point, as TensorBoard's ``add_scalar`` takes it."""
 
-    def __init__(self, directory: str | None, enabled: bool) -> None:
-        self.enabled = enabled and directory is not None
-        self.tb = None
+TOKENS_SUFFIX = " vs tokens"
+"""Loss tags with this suffix are stepped by consumed tokens instead of iterations."""
+
+
+def scalars_of(kind: str, record: dict[str, Any]) -> list[Scalar]:
+    """The scalar points of one ``metrics.jsonl`` record: every numeric field as ``{kind}/{key}`` at the
+    record's iteration, and every loss also as ``{kind}/{key} vs tokens`` at its consumed tokens. Every
+    sink (TensorBoard, Weights & Biases) logs exactly this list, so they cannot drift apart."""
+    it, tokens = record["iteration"], record["consumed_tokens"]
+    out: list[Scalar] = []
+    for key, value in record.items():
+        if key in ("iteration", "consumed_tokens", "consumed_samples") or not isinstance(value, (int, float)):
+            continue
+        out.append((f"{kind}/{key}", value, it))
+        if key.endswith("loss"):
+            out.append((f"{kind}/{key}{TOKENS_SUFFIX}", value, tokens))
+    return out
+
+
+class ScalarSink(abc.ABC):
+    """Where scalar points go: one call per record, with the record's iteration and consumed tokens."""
+
+    @abc.abstractmethod
+    def log(self, iteration: int, consumed_tokens: int, scalars: list[Scalar]) -> None: ...
+
+    @abc.abstractmethod
+    def close(self) -> None: ...
+
+
+class TensorBoardSink(ScalarSink):
+    """``torch.utils.tensorboard.SummaryWriter`` in ``--tensorboard-dir``."""
+
+    def __init__(self, directory: str) -> None:
+        from torch.utils.tensorboard import SummaryWriter
+
+        self.writer = SummaryWriter(log_dir=directory)
+
+    def log(self, iteration: int, consumed_tokens: int, scalars: list[Scalar]) -> None:
+        for tag, value, step in scalars:
+            self.writer.add_scalar(tag, value, step)
+
+    def close(self) -> None:
+        self.writer.close()
+
+
+@dataclass(frozen=True)
+class WandbOptions:
+    """Megatron's ``--wandb-project``, ``--wandb-exp-name``, ``--wandb-save-dir`` (resolved)."""
+
+    project: str
+    exp_name: str | None
+    save_dir: str
+    config: dict[str, Any] = field(default_factory=dict)
+
+
+class WandbSink(ScalarSink):
+    """A Weights & Biases run (``wandb.init(project, name, dir, config)``; ``WANDB_MODE=offline`` works).
+
+    Each record is one ``run.log(..., step=iteration)``: records of the same iteration (train, throughput,
+    validation) share a row. The ``... vs tokens`` scalars, which TensorBoard steps by tokens, are in the
+    same rows and declared with ``define_metric(tag, step_metric="consumed_tokens")``; every row carries
+    ``consumed_tokens``.
+    """
+
+    def __init__(self, options: WandbOptions) -> None:
+        import wandb
+
+        os.makedirs(options.save_dir, exist_ok=True)
+        self.run = wandb.init(
+            project=options.project, name=options.exp_name, dir=options.save_dir, config=options.config
+        )
+        self.run.define_metric("consumed_tokens")
+        self._token_axis: set[str] = set()
+
+    def log(self, iteration: int, consumed_tokens: int, scalars: list[Scalar]) -> None:
+        row: dict[str, Any] = {"consumed_tokens": consumed_tokens}
+        for tag, value, _ in scalars:
+            if tag.endswith(TOKENS_SUFFIX) and tag not in self._token_axis:
+                self.run.define_metric(tag, step_metric="consumed_tokens")
+                self._token_axis.add(tag)
+            row[tag] = value
+        self.run.log(row, step=iteration)
+
+    def close(self) -> None:
+        self.run.finish()
+
+
+def wandb_options(cfg: TrainConfig) -> WandbOptions | None:
+    """The run's W&B settings, or ``None`` without ``--wandb-project``. Files go to ``--wandb-save-dir``,
+    else ``{--save}/wandb`` (Megatron's default)."""
+    if not cfg.wandb_project:
+        return None
+    save_dir = cfg.wandb_save_dir or os.path.join(cfg.save, "wandb")
+    config = {k: v for k, v in cfg.to_dict().items() if k != "user_ds_config"}
+    return WandbOptions(cfg.wandb_project, cfg.wandb_exp_name, save_dir, config)
+
+
+class MetricsWriter:
+    """Rank 0's logs (no-op elsewhere): ``metrics.jsonl`` and TensorBoard scalars in ``--tensorboard-dir``,
+    and the same scalars in Weights & Biases with ``--wandb-project``. Every record goes through
+    ``scalars_of`` once and then to each sink."""
+
+    def __init__(self, directory: str | None, enabled: bool, wandb: WandbOptions | None = None) -> None:
+        self.enabled = enabled and (directory is not None or wandb is not None)
+        self.sinks: list[ScalarSink] = []
         self.jsonl = None
         if not self.enabled:
             return
-        os.makedirs(directory, exist_ok=True)
-        try:
-            from torch.utils.tensorboard import SummaryWriter
+        if directory is not None:
+            os.makedirs(directory, exist_ok=True)
+            try:
+                self.sinks.append(TensorBoardSink(directory))
+            except ImportError:  # tensorboard is a declared dependency; stay useful without it
+                print_rank_0("tensorboard is not installed: writing metrics.jsonl only")
+            self.jsonl = open(os.path.join(directory, "metrics.jsonl"), "a")
+        if wandb is not None:
+            self.sinks.append(WandbSink(wandb))
 
-            self.tb = SummaryWriter(log_dir=directory)
-        except ImportError:  # tensorboard is a declared dependency; stay useful without it
-            print_rank_0("tensorboard is not installed: writing metrics.jsonl only")
-        self.jsonl = open(os.path.join(directory, "metrics.jsonl"), "a")
+    @classmethod
+    def for_run(cls, cfg: TrainConfig, enabled: bool) -> MetricsWriter:
+        """The writer of a training run (``enabled`` on rank 0)."""
+        return cls(cfg.tensorboard_dir, enabled, wandb_options(cfg) if enabled else None)
 
     def write(self, kind: str, record: dict[str, Any]) -> None:
         """Append one record (and flush the file)."""
@@ -87,25 +201,18 @@ class MetricsWriter:
         if not self.enabled:
             return
         for record in records:
-            self.jsonl.write(json.dumps({"kind": kind, **record}) + "\n")
-            self._scalars(kind, record)
-        self.jsonl.flush()
-
-    def _scalars(self, kind: str, record: dict[str, Any]) -> None:
-        if self.tb is None:
-            return
-        it, tokens = record["iteration"], record["consumed_tokens"]
-        for key, value in record.items():
-            if key in ("iteration", "consumed_tokens", "consumed_samples") or not isinstance(
-                value, (int, float)
-            ):
-                continue
-            self.tb.add_scalar(f"{kind}/{key}", value, it)
-            if key.endswith("loss"):
-                self.tb.add_scalar(f"{kind}/{key} vs tokens", value, tokens)
+            if self.jsonl is not None:
+                self.jsonl.write(json.dumps({"kind": kind, **record}) + "\n")
+            scalars = scalars_of(kind, record)
+            for sink in self.sinks:
+                sink.log(record["iteration"], record["consumed_tokens"], scalars)
+        if self.jsonl is not None:
+            self.jsonl.flush()
 
     def close(self) -> None:
         if self.jsonl is not None:
             self.jsonl.close()
-        if self.tb is not None:
-            self.tb.close()
+            self.jsonl = None
+        for sink in self.sinks:
+            sink.close()
+        self.sinks = []

@@ -96,6 +96,10 @@ class TrainConfig:
     """One GEMM for q/k/v and one for gate/up (``--grouped-projections``)."""
     chunked_loss: bool
     """LM head and loss a chunk of tokens at a time, no full-vocab logits (``--chunked-loss``)."""
+    # Weights & Biases (training/logging_utils.py); None: not logged there
+    wandb_project: str | None
+    wandb_exp_name: str | None
+    wandb_save_dir: str | None
     # derived
     world_size: int
     """Processes in the job (from the launcher's environment)."""

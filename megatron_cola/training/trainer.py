@@ -73,7 +73,7 @@ class Trainer:
         self.train_ds, self.valid_ds, self.test_ds = build_datasets(
             cfg, self.tokenizer.vocab_size, self.tokenizer.eod
         )
-        self.writer = MetricsWriter(cfg.tensorboard_dir, enabled=dist.get_rank() == 0)
+        self.writer = MetricsWriter.for_run(cfg, enabled=dist.get_rank() == 0)
         self.step_log = StepLog(self.parallel, self.writer)
         self.guard = RunGuard(cfg, self.engine, self.device, self.signals, self.start_time)
         self.split_dims = self._split_dims()
@@ -326,6 +326,7 @@ class _Throughput:
             "grad_norm": trainer.step_log.last_grad_norm,
             "tokens_per_second": tokens_per_s,
             "tflops_per_device": tflops,
+            "flops_per_token": self.flops_per_token,
             "mfu": tflops / self.peak if self.peak else None,
             "peak_memory_gb": peak_memory_gb(self.device),
             "skipped_iterations": trainer.guard.take_window_skips(),
