@@ -108,6 +108,20 @@ def test_same_seed_same_model_any_construction() -> None:
             assert not torch.equal(pa, pc), name
 
 
+def test_init_draws_on_cpu_under_a_foreign_default_device() -> None:
+    """The CPU proxy of ``build_model(args, device="cuda")``: ``init_weights`` runs inside the caller's
+    ``with torch.device(...)``; its draws must not follow that default device, and the weights must be
+    the bits of a plain CPU init."""
+    args = tiny()
+    reference = build_model(args, seed=3)
+    model = CoLALlama(args, seed=5)
+    with torch.device("meta"):
+        model.init_weights(3)
+    for (name, p), (_, q) in zip(model.named_parameters(), reference.named_parameters()):
+        assert p.device.type == "cpu", name
+        assert torch.equal(p, q), name
+
+
 def test_gate_activation_rule() -> None:
     assert ModelArgs.from_size("60M").gate_activation
     assert ModelArgs.from_size("130M").gate_activation

@@ -158,8 +158,9 @@ class CoLALlama(nn.Module):
     ) -> None:
         """(Re)initialise every parameter from ``seed``, independently of device and parallel layout.
 
-        Each parameter draws from its own generator seeded by ``(seed, parameter name)``. For a sharded
-        parameter (tensor parallelism, ``self.sharding``) the full tensor is drawn and the shard cut from
+        Each parameter draws from its own CPU generator seeded by ``(seed, parameter name)``, on the CPU
+        whatever the default or target device, so the weights are the same bits on every device (then
+        copied to the parameter's device). For a sharded parameter (tensor parallelism, ``self.sharding``) the full tensor is drawn and the shard cut from
         it (``load_full_``), so any layout starts from the same model.
 
         Module by module: with ``materialize_on``, each module's own (meta) parameters are first
@@ -175,14 +176,16 @@ class CoLALlama(nn.Module):
             for pname, param in module.named_parameters(recurse=False):
                 name = f"{module_name}.{pname}" if module_name else pname
                 full_shape = self.sharding.full_shape(name, param)
+                # Drawn on the CPU whatever the default device (a caller's ``with torch.device``),
+                # with a CPU generator: the same weights on every device; load_full_ copies them over.
                 if isinstance(module, RMSNorm):
-                    full = torch.ones(full_shape)
+                    full = torch.ones(full_shape, device="cpu")
                 elif pname == "bias":
-                    full = torch.zeros(full_shape)
+                    full = torch.zeros(full_shape, device="cpu")
                 else:
                     std = getattr(module, "init_std", self.args.init_std)
-                    gen = torch.Generator().manual_seed(param_seed(seed, name))
-                    full = torch.empty(full_shape).normal_(0.0, std, generator=gen)
+                    gen = torch.Generator(device="cpu").manual_seed(param_seed(seed, name))
+                    full = torch.empty(full_shape, device="cpu").normal_(0.0, std, generator=gen)
                 load_full_(self, name, full)
                 del full
             if after_module is not None:
