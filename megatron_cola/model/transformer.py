@@ -160,8 +160,9 @@ class CoLALlama(nn.Module):
 
         Each parameter draws from its own CPU generator seeded by ``(seed, parameter name)``, on the CPU
         whatever the default or target device, so the weights are the same bits on every device (then
-        copied to the parameter's device). For a sharded parameter (tensor parallelism, ``self.sharding``) the full tensor is drawn and the shard cut from
-        it (``load_full_``), so any layout starts from the same model.
+        copied to the parameter's device). For a sharded parameter (tensor parallelism,
+        ``self.sharding``) the full tensor is drawn and the shard cut from it (``load_full_``), so any
+        layout starts from the same model.
 
         Module by module: with ``materialize_on``, each module's own (meta) parameters are first
         allocated there; ``after_module(module)`` runs once the module's parameters are drawn (ZeRO-3
