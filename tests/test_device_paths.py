@@ -65,24 +65,26 @@ def test_train_line_names_the_peak_and_gib() -> None:
 def test_step_timer_keeps_the_steps_before_an_evaluation() -> None:
     """The trainer's loop with --log-interval 4 and --eval-interval 3: the window 1-4 holds an
     evaluation after step 3, the window 5-8 one after step 6. Each window's time per step must be the
-    steps' own (about ``step``): neither the evaluation's time in it (too slow) nor only the steps after
-    the evaluation over all four steps (the old meter restarted there: 1/4 and 2/4 of the time)."""
+    steps' own: at least their measured durations (the old meter restarted at the evaluation and kept
+    only the steps after it: 1/4 and 2/4 of the time), and without the evaluation's time."""
     step, evaluation, log_interval, eval_interval = 0.02, 0.12, 4, 3
     timer = StepTimer(torch.device("cpu"))
-    per_step = []
+    durations, windows = [], []
     for it in range(1, 9):
+        t0 = time.perf_counter()
         time.sleep(step)  # a training step
+        durations.append(time.perf_counter() - t0)
         timer.step()
         if it % log_interval == 0:
             steps, seconds = timer.take()
             assert steps == log_interval
-            per_step.append(seconds / steps)
+            windows.append((seconds, sum(durations[-log_interval:])))
         if it % eval_interval == 0:
             with timer.paused():
                 time.sleep(evaluation)
-    assert len(per_step) == 2
-    for t in per_step:
-        assert step <= t < step + evaluation / log_interval / 2, per_step
+    assert len(windows) == 2
+    for seconds, steps_own in windows:
+        assert steps_own <= seconds < steps_own + evaluation / 2, windows
 
 
 def test_step_timer_nested_pause_and_empty_window() -> None:
