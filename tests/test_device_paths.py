@@ -19,7 +19,8 @@ from megatron_cola.training.logging_utils import (
     peak_tflops_for_name,
 )
 from megatron_cola.training.pretrain import LOCAL_RANK_VARIABLES, local_rank_from_env
-from tests.conftest import ROOT, dist_env, synthetic_args
+
+from .conftest import ROOT, dist_env, synthetic_args
 
 
 # ---------------------------------------------------------------------------------------- peak FLOPs
