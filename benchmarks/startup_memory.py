@@ -24,7 +24,7 @@ from megatron_cola.data import build_tokenizer
 from megatron_cola.parallel import ParallelState
 from megatron_cola.training.arguments import build_train_config, model_args_from, pad_vocab_size, parse_args
 from megatron_cola.training.ds_config import build_ds_config
-from megatron_cola.training.engine import build_engine, build_model
+from megatron_cola.training.engine import build_engine, build_model, use_deepspeed_accelerator
 
 
 def _max_rss_gib() -> list[float]:
@@ -36,6 +36,7 @@ def _max_rss_gib() -> list[float]:
 
 
 def main() -> None:
+    use_deepspeed_accelerator("cpu")  # before DeepSpeed is imported: a GPU box must not move it to cuda
     import deepspeed
 
     argv = sys.argv[1:]

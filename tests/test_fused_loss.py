@@ -53,3 +53,34 @@ def test_chunked_loss_under_bf16_autocast_close() -> None:
         ref = CrossEntropyLoss()(torch.nn.functional.linear(hidden, weight), labels)
         loss = chunked_linear_cross_entropy(hidden, weight, labels, chunk_size=16)
     torch.testing.assert_close(loss, ref, rtol=1e-3, atol=1e-3)
+
+
+def _loss_and_flops(hidden, weight, labels) -> tuple[torch.Tensor, int]:
+    from torch.utils.flop_counter import FlopCounterMode
+
+    with FlopCounterMode(display=False) as counter:
+        loss = chunked_linear_cross_entropy(hidden, weight, labels, chunk_size=8)
+    return loss, counter.get_total_flops()
+
+
+def test_chunked_loss_skips_gradient_work_without_grad() -> None:
+    """An evaluation (``no_grad``) forms only the logits GEMM per chunk (2 N d V FLOPs), not the two
+    gradient GEMMs as well, and gives the same loss; a frozen weight skips its gradient GEMM."""
+    gen = torch.Generator().manual_seed(0)
+    n, d, v = 24, 32, 97
+    hidden = torch.randn(n, d, generator=gen, requires_grad=True)
+    weight = torch.randn(v, d, generator=gen, requires_grad=True)
+    labels = torch.randint(0, v, (n,), generator=gen)
+    train_loss, train_flops = _loss_and_flops(hidden, weight, labels)
+    assert train_flops == 3 * 2 * n * d * v
+    with torch.no_grad():
+        eval_loss, eval_flops = _loss_and_flops(hidden, weight, labels)
+    assert eval_flops == 2 * n * d * v
+    assert not eval_loss.requires_grad
+    assert torch.equal(eval_loss, train_loss.detach())
+    frozen = weight.detach()
+    loss, flops = _loss_and_flops(hidden, frozen, labels)
+    assert flops == 2 * 2 * n * d * v
+    (grad,) = torch.autograd.grad(loss, hidden)
+    (ref,) = torch.autograd.grad(train_loss, hidden)
+    assert torch.equal(grad, ref)

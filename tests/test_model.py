@@ -108,6 +108,35 @@ def test_same_seed_same_model_any_construction() -> None:
             assert not torch.equal(pa, pc), name
 
 
+def test_init_draws_on_cpu_under_a_foreign_default_device() -> None:
+    """The CPU proxy of ``build_model(args, device="cuda")``: ``init_weights`` runs inside the caller's
+    ``with torch.device(...)``; its draws must not follow that default device, and the weights must be
+    the bits of a plain CPU init."""
+    args = tiny()
+    reference = build_model(args, seed=3)
+    model = CoLALlama(args, seed=5)
+    with torch.device("meta"):
+        model.init_weights(3)
+    for (name, p), (_, q) in zip(model.named_parameters(), reference.named_parameters()):
+        assert p.device.type == "cpu", name
+        assert torch.equal(p, q), name
+
+
+def test_init_threads_change_no_bit(monkeypatch: pytest.MonkeyPatch) -> None:
+    """The draws run on a thread pool with a bounded look-ahead; one thread gives the same bits."""
+    import megatron_cola.model.transformer as transformer
+
+    args = tiny()
+    monkeypatch.setattr(transformer, "_INIT_THREADS", 4)
+    monkeypatch.setattr(transformer, "_INIT_THREADED_ELEMENTS", 0)  # threads even for a tiny model
+    monkeypatch.setattr(transformer, "_INIT_AHEAD_ELEMENTS", 5000)  # a small window: waits on the pool
+    threaded = build_model(args, seed=3)
+    monkeypatch.setattr(transformer, "_INIT_THREADS", 1)
+    serial = build_model(args, seed=3)
+    for (name, p), (_, q) in zip(threaded.named_parameters(), serial.named_parameters()):
+        assert torch.equal(p, q), name
+
+
 def test_gate_activation_rule() -> None:
     assert ModelArgs.from_size("60M").gate_activation
     assert ModelArgs.from_size("130M").gate_activation

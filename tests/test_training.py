@@ -48,6 +48,17 @@ def test_ds_config_matches_flags(synthetic_prefix: str) -> None:
     assert "fp16" not in cfg and "optimizer" not in cfg
 
 
+@pytest.mark.parametrize("stage", [2, 3])
+def test_zero_overlaps_communication_on_cuda_only(synthetic_prefix: str, stage: int) -> None:
+    args = args_for(synthetic_prefix, "--zero-stage", str(stage))
+    assert build_ds_config(args, "cuda")["zero_optimization"]["overlap_comm"] is True
+    assert build_ds_config(args, "cpu")["zero_optimization"]["overlap_comm"] is False
+    on_cpu = args_for(synthetic_prefix, "--zero-stage", str(stage), "--device", "cpu")
+    assert build_ds_config(on_cpu)["zero_optimization"]["overlap_comm"] is False  # --device resolved
+    on_gpu = args_for(synthetic_prefix, "--zero-stage", str(stage), "--device", "cuda")
+    assert build_ds_config(on_gpu)["zero_optimization"]["overlap_comm"] is True
+
+
 def test_user_ds_config_kept_and_checked(synthetic_prefix: str, tmp_path) -> None:
     path = tmp_path / "ds.json"
     path.write_text(
@@ -75,6 +86,7 @@ def test_user_ds_config_kept_and_checked(synthetic_prefix: str, tmp_path) -> Non
         (["--min-lr", "1.0"], 2, "larger than --lr"),
         (["--save-interval", "5"], 2, "needs --save"),
         (["--train-tokens", "1000"], 2, "not both"),
+        (["--peak-tflops", "0"], 2, "--peak-tflops must be a positive"),
     ],
 )
 def test_bad_flags_have_messages(synthetic_prefix: str, extra, world, message) -> None:

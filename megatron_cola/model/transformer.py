@@ -9,8 +9,13 @@ here therefore read the number of local heads from the tensors they see.
 
 from __future__ import annotations
 
+import functools
+import math
+import os
 import zlib
-from collections.abc import Callable
+from collections import deque
+from collections.abc import Callable, Iterator
+from concurrent.futures import Future, ThreadPoolExecutor
 
 import torch
 import torch.nn.functional as F
@@ -158,33 +163,34 @@ class CoLALlama(nn.Module):
     ) -> None:
         """(Re)initialise every parameter from ``seed``, independently of device and parallel layout.
 
-        Each parameter draws from its own generator seeded by ``(seed, parameter name)``. For a sharded
-        parameter (tensor parallelism, ``self.sharding``) the full tensor is drawn and the shard cut from
-        it (``load_full_``), so any layout starts from the same model.
+        Each parameter draws from its own CPU generator seeded by ``(seed, parameter name)``, on the CPU
+        whatever the default or target device, so the weights are the same bits on every device (then
+        copied to the parameter's device). For a sharded parameter (tensor parallelism,
+        ``self.sharding``) the full tensor is drawn and the shard cut from it (``load_full_``), so any
+        layout starts from the same model.
 
         Module by module: with ``materialize_on``, each module's own (meta) parameters are first
         allocated there; ``after_module(module)`` runs once the module's parameters are drawn (ZeRO-3
         start-up partitions them there, so only one module is ever whole on a rank).
         """
-        for module_name, module in self.named_modules():
-            own = list(module.named_parameters(recurse=False))
-            if not own:
-                continue
-            if materialize_on is not None:
-                module.to_empty(device=materialize_on, recurse=False)
+        modules = [
+            (mn, m) for mn, m in self.named_modules() if next(m.parameters(recurse=False), None) is not None
+        ]
+        draws = []  # (elements, draw) of every parameter, in the order they are loaded below
+        for module_name, module in modules:
             for pname, param in module.named_parameters(recurse=False):
                 name = f"{module_name}.{pname}" if module_name else pname
-                full_shape = self.sharding.full_shape(name, param)
-                if isinstance(module, RMSNorm):
-                    full = torch.ones(full_shape)
-                elif pname == "bias":
-                    full = torch.zeros(full_shape)
-                else:
-                    std = getattr(module, "init_std", self.args.init_std)
-                    gen = torch.Generator().manual_seed(param_seed(seed, name))
-                    full = torch.empty(full_shape).normal_(0.0, std, generator=gen)
-                load_full_(self, name, full)
-                del full
+                shape = self.sharding.full_shape(name, param)
+                std = getattr(module, "init_std", self.args.init_std)
+                kind = "ones" if isinstance(module, RMSNorm) else "zeros" if pname == "bias" else "normal"
+                draws.append((math.prod(shape), functools.partial(_draw_full, kind, shape, std, seed, name)))
+        fulls = _drawn_in_order(draws)
+        for module_name, module in modules:
+            if materialize_on is not None:
+                module.to_empty(device=materialize_on, recurse=False)
+            for pname, _ in module.named_parameters(recurse=False):
+                name = f"{module_name}.{pname}" if module_name else pname
+                load_full_(self, name, next(fulls))
             if after_module is not None:
                 after_module(module)
         self.sharding.mark_parameters(self)
@@ -224,6 +230,47 @@ class CoLALlama(nn.Module):
 
 def _remark_after_load(module: CoLALlama, incompatible_keys: object) -> None:
     module.sharding.mark_parameters(module)
+
+
+def _draw_full(kind: str, shape: tuple[int, ...], std: float, seed: int, name: str) -> torch.Tensor:
+    """The full initial tensor of parameter ``name``, on the CPU whatever the default device (a caller's
+    ``with torch.device``), from its own CPU generator: the same bits on every device."""
+    if kind == "ones":
+        return torch.ones(shape, device="cpu")
+    if kind == "zeros":
+        return torch.zeros(shape, device="cpu")
+    gen = torch.Generator(device="cpu").manual_seed(param_seed(seed, name))
+    return torch.empty(shape, device="cpu").normal_(0.0, std, generator=gen)
+
+
+#: A model of at least ``_INIT_THREADED_ELEMENTS`` parameters draws on ``_INIT_THREADS`` threads, at most
+#: ``_INIT_AHEAD_ELEMENTS`` (fp32: 256 MiB) ahead of the parameter being loaded; a smaller one draws
+#: serially (threads would not pay, and dispatch modes, e.g. op counters, are per thread). Each
+#: parameter has its own generator, so threads change no bit.
+_INIT_THREADS = min(8, os.cpu_count() or 1)
+_INIT_AHEAD_ELEMENTS = 2**26
+_INIT_THREADED_ELEMENTS = 2**26
+
+
+def _drawn_in_order(draws: list[tuple[int, Callable[[], torch.Tensor]]]) -> Iterator[torch.Tensor]:
+    """The results of ``draws`` (``(elements, draw)``), in order, drawn on a thread pool (CPU RNG is
+    one thread per tensor: a 1B model takes ~15 s serially) with a bounded look-ahead."""
+    if _INIT_THREADS <= 1 or sum(elements for elements, _ in draws) < _INIT_THREADED_ELEMENTS:
+        for _, draw in draws:
+            yield draw()
+        return
+    with ThreadPoolExecutor(_INIT_THREADS, thread_name_prefix="init") as pool:
+        pending: deque[Future[torch.Tensor]] = deque()
+        ahead, submitted = 0, 0
+        for elements, _ in draws:
+            while submitted < len(draws) and (
+                not pending or ahead + draws[submitted][0] <= _INIT_AHEAD_ELEMENTS
+            ):
+                pending.append(pool.submit(draws[submitted][1]))
+                ahead += draws[submitted][0]
+                submitted += 1
+            ahead -= elements
+            yield pending.popleft().result()
 
 
 def param_seed(seed: int, name: str) -> int:

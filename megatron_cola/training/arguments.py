@@ -184,6 +184,13 @@ def _add_checkpoint_and_logging_flags(p: argparse.ArgumentParser) -> None:
     g.add_argument("--eval-iters", type=int, default=10, help="validation batches per evaluation")
     g.add_argument("--log-interval", type=int, default=10, help="log every N iterations")
     g.add_argument("--tensorboard-dir", default=None, help="TensorBoard scalars and metrics.jsonl go here")
+    g.add_argument(
+        "--peak-tflops",
+        type=float,
+        default=None,
+        help="the device's peak TFLOP/s that MFU is measured against (default: the dense bf16 peak of a "
+        "known GPU by its exact name; no MFU on CPU or an unknown card)",
+    )
 
 
 # ------------------------------------------------------------------ performance
@@ -387,6 +394,9 @@ def _check_intervals(v: dict[str, Any]) -> None:
         raise ArgumentError("--eval-iters must be >= 0")
     if v["save_interval"] is not None and v["save_interval"] < 1:
         raise ArgumentError("--save-interval must be >= 1")
+    peak = v["peak_tflops"]
+    if peak is not None and not (math.isfinite(peak) and peak > 0):
+        raise ArgumentError(f"--peak-tflops must be a positive number of TFLOP/s, got {peak}")
     if v["save_interval"] is not None and not v["save"]:
         raise ArgumentError("--save-interval needs --save DIR")
     if v["exit_interval"] is not None and v["exit_interval"] < 1:

@@ -7,12 +7,24 @@ import json
 import os
 from typing import Any
 
+import torch
+
 from megatron_cola.atomic_io import atomic_write_text
 from megatron_cola.training.train_config import TrainConfig
 
 
-def build_ds_config(cfg: TrainConfig) -> dict[str, Any]:
+def _device_type(cfg: TrainConfig) -> str:
+    """``--device`` resolved as ``pretrain.py`` resolves it (``auto``: CUDA when torch sees a GPU)."""
+    if cfg.device == "auto":
+        return "cuda" if torch.cuda.is_available() else "cpu"
+    return cfg.device
+
+
+def build_ds_config(cfg: TrainConfig, device_type: str | None = None) -> dict[str, Any]:
     """Batch sizes, precision, clipping and ZeRO from the flags (a user config's other keys are kept).
+
+    ``device_type`` (``"cuda"``/``"cpu"``; default: ``--device`` resolved) picks device-specific
+    defaults: ZeRO-2/3 overlap the gradient reduction with the backward pass on CUDA only.
 
     The optimizer and LR schedule are created by ``pretrain_cola.py`` itself (AdamW, Megatron's schedule)
     and handed to ``deepspeed.initialize``, so the config carries no ``optimizer``/``scheduler`` section.
@@ -33,7 +45,10 @@ def build_ds_config(cfg: TrainConfig) -> dict[str, Any]:
     zero = dict(out.get("zero_optimization", {}))
     zero["stage"] = cfg.zero_stage
     if cfg.zero_stage >= 2:
-        zero.setdefault("overlap_comm", False)
+        # On CUDA the reduce-scatter of each gradient bucket runs on a side stream during backward.
+        # DeepSpeed's CPU accelerator has no streams (its Stream() is None): nothing would overlap,
+        # and the extra gradient buckets overlap_comm keeps would only cost host memory.
+        zero.setdefault("overlap_comm", (device_type or _device_type(cfg)) == "cuda")
         zero.setdefault("contiguous_gradients", True)
         zero.setdefault("reduce_bucket_size", 50_000_000)
     if cfg.zero_stage == 3:

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import os
+import sys
 from typing import Any
 
 import torch
@@ -14,6 +16,27 @@ from megatron_cola.training.ds_config import build_ds_config, save_ds_config
 from megatron_cola.training.logging_utils import print_rank_0
 from megatron_cola.training.schedule import build_scheduler
 from megatron_cola.training.train_config import TrainConfig
+
+
+def use_deepspeed_accelerator(device: torch.device | str) -> str:
+    """Make DeepSpeed's accelerator follow the run's device (``--device``); returns its name.
+
+    DeepSpeed picks its accelerator once, on first use: ``cuda`` whenever torch sees a GPU, whatever
+    ``--device`` says, and then moves the module to ``cuda:0`` while the batches stay on the CPU. Call
+    this before DeepSpeed is imported: it sets ``DS_ACCELERATOR``, which DeepSpeed reads then. If
+    DeepSpeed was already imported (a test, a notebook) with another accelerator, it is replaced.
+    """
+    name = "cuda" if torch.device(device).type == "cuda" else "cpu"
+    os.environ["DS_ACCELERATOR"] = name
+    real = sys.modules.get("deepspeed.accelerator.real_accelerator")
+    current = getattr(real, "ds_accelerator", None) if real is not None else None
+    if real is not None and current is not None and current._name != name:
+        if name == "cuda":
+            from deepspeed.accelerator.cuda_accelerator import CUDA_Accelerator as Accelerator
+        else:
+            from deepspeed.accelerator.cpu_accelerator import CPU_Accelerator as Accelerator
+        real.set_accelerator(Accelerator())
+    return name
 
 
 def build_model(
@@ -76,8 +99,21 @@ def _full_ndim(param: torch.nn.Parameter) -> int:
     return len(getattr(param, "ds_shape", param.shape))
 
 
+def optimizer_name(optimizer: torch.optim.Optimizer) -> str:
+    """What ``build_optimizer`` made, as logged (``> optimizer: ...``) and recorded in results."""
+    cls = type(optimizer)
+    if cls.__module__.startswith("deepspeed"):
+        return f"deepspeed {cls.__name__}"
+    fused = optimizer.defaults.get("fused")
+    return f"torch {cls.__name__}{' (fused)' if fused else ''}"
+
+
 def build_optimizer(cfg: TrainConfig, model: torch.nn.Module, device: torch.device) -> torch.optim.Optimizer:
-    """AdamW without weight decay on norms (Megatron's rule: 1-D parameters are not decayed)."""
+    """AdamW without weight decay on norms (Megatron's rule: 1-D parameters are not decayed).
+
+    On CUDA, DeepSpeed's FusedAdam (its op is JIT-built with nvcc on first use); if that fails, torch's
+    fused AdamW. Either way the line ``> optimizer: NAME`` says which one runs, with the reason for a
+    fallback."""
     decay = [p for p in model.parameters() if _full_ndim(p) >= 2]
     no_decay = [p for p in model.parameters() if _full_ndim(p) < 2]
     groups = [
@@ -85,14 +121,20 @@ def build_optimizer(cfg: TrainConfig, model: torch.nn.Module, device: torch.devi
         {"params": no_decay, "weight_decay": 0.0},
     ]
     betas = (cfg.adam_beta1, cfg.adam_beta2)
+    fallback = ""
     if device.type == "cuda":
         try:
             from deepspeed.ops.adam import FusedAdam
 
-            return FusedAdam(groups, lr=cfg.lr, betas=betas, eps=cfg.adam_eps, adam_w_mode=True)
+            optimizer = FusedAdam(groups, lr=cfg.lr, betas=betas, eps=cfg.adam_eps, adam_w_mode=True)
+            print_rank_0(f"> optimizer: {optimizer_name(optimizer)}")
+            return optimizer
         except Exception as e:  # the op needs a CUDA toolchain to JIT-build
-            print_rank_0(f"DeepSpeed FusedAdam unavailable ({e}); using torch's fused AdamW")
-    return torch.optim.AdamW(groups, lr=cfg.lr, betas=betas, eps=cfg.adam_eps, fused=True)
+            reason = " ".join(str(e).split())[:300] or type(e).__name__
+            fallback = f" (fallback: DeepSpeed FusedAdam unavailable: {reason})"
+    optimizer = torch.optim.AdamW(groups, lr=cfg.lr, betas=betas, eps=cfg.adam_eps, fused=True)
+    print_rank_0(f"> optimizer: {optimizer_name(optimizer)}{fallback}")
+    return optimizer
 
 
 def build_engine(
@@ -107,7 +149,7 @@ def build_engine(
     scheduler = build_scheduler(
         optimizer, cfg.lr, cfg.min_lr, cfg.lr_warmup_iters, cfg.lr_decay_iters, cfg.lr_decay_style
     )
-    ds_config = build_ds_config(cfg)
+    ds_config = build_ds_config(cfg, device.type)
     if cfg.save and dist.get_rank() == 0:
         save_ds_config(ds_config, cfg.save)
     engine, _, _, _ = deepspeed.initialize(

@@ -4,10 +4,13 @@ Weights & Biases, the last two fed the same scalar points through one writer (``
 from __future__ import annotations
 
 import abc
+import contextlib
 import json
 import os
 import resource
 import sys
+import time
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
@@ -16,27 +19,102 @@ import torch
 if TYPE_CHECKING:
     from megatron_cola.training.train_config import TrainConfig
 
-# Dense bf16 peak TFLOP/s by GPU name fragment, for MFU.
-_PEAK_BF16_TFLOPS = {"H200": 989.0, "H100": 989.0, "A100": 312.0, "A800": 312.0, "L40": 181.0, "A10": 125.0}
+# Dense (no sparsity) bf16 tensor-core peak TFLOP/s, for MFU, keyed by the exact product name that
+# ``torch.cuda.get_device_name`` reports (NVIDIA data sheets). Exact names, not fragments: an H100 PCIe
+# (756) or NVL (835) is not an SXM H100 (989), an L40S (362) is not an L40 (181). A card missing here
+# gets no MFU unless ``--peak-tflops`` gives its peak.
+PEAK_BF16_TFLOPS: dict[str, float] = {
+    "NVIDIA H100 80GB HBM3": 989.0,  # H100 SXM5
+    "NVIDIA H100 PCIe": 756.0,
+    "NVIDIA H100 NVL": 835.0,
+    "NVIDIA H200": 989.0,  # H200 SXM
+    "NVIDIA H200 NVL": 835.0,
+    "NVIDIA A100-SXM4-80GB": 312.0,
+    "NVIDIA A100-SXM4-40GB": 312.0,
+    "NVIDIA A100 80GB PCIe": 312.0,
+    "NVIDIA A100-PCIE-40GB": 312.0,
+    "NVIDIA A800-SXM4-80GB": 312.0,
+    "NVIDIA A800 80GB PCIe": 312.0,
+    "NVIDIA L40S": 362.0,
+    "NVIDIA L40": 181.0,
+    "NVIDIA L4": 121.0,
+    "NVIDIA A10": 125.0,
+}
 
 
-def peak_tflops(device: torch.device) -> float | None:
-    """The device's dense bf16 peak, or ``None`` (CPU, unknown GPU): MFU is then not printed."""
+def peak_tflops_for_name(name: str) -> float | None:
+    """The dense bf16 peak of the GPU called ``name`` (``torch.cuda.get_device_name``), or ``None``."""
+    return PEAK_BF16_TFLOPS.get(name.strip())
+
+
+def device_name(device: torch.device) -> str:
+    """The GPU's product name, or ``"cpu"``."""
+    return torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu"
+
+
+def peak_tflops(device: torch.device, override: float | None = None) -> float | None:
+    """The peak MFU is measured against: ``override`` (``--peak-tflops``) when given, else the device's
+    dense bf16 peak from ``PEAK_BF16_TFLOPS``, else ``None`` (CPU, a card not in the table): no MFU."""
+    if override is not None:
+        return float(override)
     if device.type != "cuda":
         return None
-    name = torch.cuda.get_device_name(device)
-    for key, value in _PEAK_BF16_TFLOPS.items():
-        if key in name:
-            return value
-    return None
+    return peak_tflops_for_name(device_name(device))
 
 
 def peak_memory_gb(device: torch.device) -> float:
-    """Peak GPU memory allocated by torch, or on CPU the process's peak resident set size."""
+    """Peak GPU memory allocated by torch, or on CPU the process's peak resident set size, in GiB
+    (2**30 bytes; the name is kept for the ``peak_memory_gb`` key of ``metrics.jsonl``)."""
     if device.type == "cuda":
         return torch.cuda.max_memory_allocated(device) / 2**30
     kb = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
     return kb * (1 if sys.platform == "darwin" else 1024) / 2**30
+
+
+class StepTimer:
+    """Training time and training steps since the last log line, evaluation and saving left out.
+
+    ``step()`` counts a step; ``with timer.paused():`` wraps anything that is not training (an
+    evaluation, a checkpoint); ``take()`` returns ``(steps, seconds)`` since the previous ``take`` and
+    starts the next window. Steps and their time are counted by the same object and reset together, so a
+    pause in the middle of a window (an ``--eval-interval`` that is not a multiple of ``--log-interval``)
+    leaves out only the paused time, never the steps run before it. On CUDA the device is synchronised
+    at each boundary, so queued kernels count where they were launched.
+    """
+
+    def __init__(self, device: torch.device) -> None:
+        self.device = device
+        self._steps = 0
+        self._seconds = 0.0
+        self._start: float | None = time.perf_counter()
+
+    def _now(self) -> float:
+        if self.device.type == "cuda":
+            torch.cuda.synchronize(self.device)
+        return time.perf_counter()
+
+    def step(self) -> None:
+        self._steps += 1
+
+    @contextlib.contextmanager
+    def paused(self) -> Iterator[None]:
+        if self._start is None:  # nested: already paused
+            yield
+            return
+        self._seconds += self._now() - self._start
+        self._start = None
+        try:
+            yield
+        finally:
+            self._start = self._now()
+
+    def take(self) -> tuple[int, float]:
+        """``(steps, training seconds)`` of the window now closing; the next one starts now."""
+        now = self._now()
+        seconds = self._seconds + (now - self._start if self._start is not None else 0.0)
+        steps = self._steps
+        self._steps, self._seconds, self._start = 0, 0.0, now
+        return steps, seconds
 
 
 def print_rank_0(msg: str) -> None:
@@ -59,8 +137,8 @@ def format_train_line(m: dict[str, Any]) -> str:
         f"TFLOP/s per device: {m['tflops_per_device']:.2f}",
     ]
     if m.get("mfu") is not None:
-        parts.append(f"MFU: {100 * m['mfu']:.1f}%")
-    parts.append(f"peak memory (GB): {m['peak_memory_gb']:.2f}")
+        parts.append(f"MFU: {100 * m['mfu']:.1f}% of {m['peak_tflops']:.0f} TFLOP/s")
+    parts.append(f"peak memory (GiB): {m['peak_memory_gb']:.2f}")
     if m.get("skipped_iterations") is not None:
         parts.append(f"number of skipped iterations: {m['skipped_iterations']:3d}")
     return " | ".join(parts) + " |"

@@ -13,6 +13,7 @@ import os
 import socket
 import sys
 import warnings
+from collections.abc import Mapping
 from typing import Any
 
 import torch
@@ -28,6 +29,7 @@ from megatron_cola.training.arguments import (
     pad_vocab_size,
     parse_args,
 )
+from megatron_cola.training.engine import use_deepspeed_accelerator
 from megatron_cola.training.train_config import TrainConfig
 from megatron_cola.training.trainer import Trainer
 
@@ -59,18 +61,49 @@ def _prepare_launch_env() -> None:
     os.environ.setdefault("MASTER_PORT", str(_free_port()))
 
 
+#: Where launchers put a process's rank on its node, in the order they are read: torchrun, deepspeed and
+#: our srun setup (LOCAL_RANK), Open MPI, MVAPICH2, MPICH / Intel MPI (Hydra), PMIx-style launchers,
+#: then SLURM itself.
+LOCAL_RANK_VARIABLES = (
+    "LOCAL_RANK",
+    "OMPI_COMM_WORLD_LOCAL_RANK",
+    "MV2_COMM_WORLD_LOCAL_RANK",
+    "MPI_LOCALRANKID",
+    "PMI_LOCAL_RANK",
+    "SLURM_LOCALID",
+)
+
+
+def local_rank_from_env(environ: Mapping[str, str] | None = None) -> int:
+    """This process's rank on its node, from the first of ``LOCAL_RANK_VARIABLES`` that is set (0 when
+    none is: a single process). Picks the GPU, so MPICH or Intel MPI ranks no longer all take cuda:0."""
+    env = os.environ if environ is None else environ
+    for name in LOCAL_RANK_VARIABLES:
+        value = env.get(name, "").strip()
+        if value:
+            try:
+                return int(value)
+            except ValueError:
+                raise ArgumentError(f"{name}={value!r} is not a local rank (an integer)") from None
+    return 0
+
+
 def _resolve_device(choice: str) -> torch.device:
     if choice == "cuda" or (choice == "auto" and torch.cuda.is_available()):
         if not torch.cuda.is_available():
             raise ArgumentError("--device cuda but torch sees no GPU; use --device cpu")
-        local_rank = int(os.environ.get("LOCAL_RANK", os.environ.get("OMPI_COMM_WORLD_LOCAL_RANK", "0")))
+        local_rank = local_rank_from_env()
         torch.cuda.set_device(local_rank)
         return torch.device("cuda", local_rank)
     return torch.device("cpu")
 
 
 def _init_distributed(device: torch.device) -> bool:
-    """Initialise the default process group; returns whether we did (and so must destroy it)."""
+    """Initialise the default process group; returns whether we did (and so must destroy it).
+
+    First makes DeepSpeed's accelerator follow ``device`` (before DeepSpeed is imported), so that
+    ``--device cpu`` on a machine with a GPU keeps the module on the CPU with its batches."""
+    use_deepspeed_accelerator(device)
     if dist.is_initialized():
         return False
     import deepspeed

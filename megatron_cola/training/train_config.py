@@ -78,6 +78,8 @@ class TrainConfig:
     eval_iters: int
     log_interval: int
     tensorboard_dir: str | None
+    peak_tflops: float | None
+    """The peak TFLOP/s MFU is measured against (``--peak-tflops``); ``None``: the GPU's from the table."""
     # run-time guards (training/guards.py)
     check_for_nan_in_loss_and_grad: bool
     """Skip a step whose loss or grad norm is non-finite (on every rank)."""

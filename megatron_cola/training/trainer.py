@@ -28,10 +28,12 @@ from megatron_cola.parallel import ParallelState
 from megatron_cola.training import checkpointing
 from megatron_cola.training.data_setup import build_datasets, make_loader, tokens_and_labels
 from megatron_cola.training.ds_config import build_ds_config
-from megatron_cola.training.engine import build_engine, build_model
+from megatron_cola.training.engine import build_engine, build_model, optimizer_name
 from megatron_cola.training.guards import ExitSignalHandler, RunGuard, Verdict
 from megatron_cola.training.logging_utils import (
     MetricsWriter,
+    StepTimer,
+    device_name,
     format_train_line,
     peak_memory_gb,
     peak_tflops,
@@ -114,6 +116,8 @@ class Trainer:
             )
             print_rank_0(f"> loaded weights only from {reader.dir}; starting at iteration 0")
         self.engine, self.scheduler = build_engine(cfg, model, self.parallel, self.device)
+        self.optimizer_name = optimizer_name(self.scheduler.optimizer)  # the one that runs (not DS's wrapper)
+        self.history["optimizer"] = self.optimizer_name
         if reader is not None and not weights_only:
             self.iteration, self.consumed_samples = checkpointing.load_checkpoint(
                 self.engine, cfg, self.model_args, reader
@@ -243,17 +247,18 @@ class Trainer:
         meter = _Throughput(cfg, self.model_args, self.device)
         while self.iteration < cfg.train_iters:
             self.train_step()
+            meter.timer.step()
             it = self.iteration
             if it % cfg.log_interval == 0 or it == cfg.train_iters:
                 self._flush_steps()
                 meter.log(self)
             if self.valid_ds is not None and cfg.eval_iters > 0 and it % cfg.eval_interval == 0:
-                self.history["valid"].append((it, self._evaluate_and_log("validation", self.valid_ds)))
-                meter.restart()
+                with meter.timer.paused():  # evaluation is not training time
+                    self.history["valid"].append((it, self._evaluate_and_log("validation", self.valid_ds)))
             stop = self._exit_reason()
             if self._save_due(stop is not None):
-                self.save()
-                meter.restart()
+                with meter.timer.paused():  # nor is saving
+                    self.save()
             if stop:
                 print_rank_0(f"> exiting after iteration {it} ({stop})")
                 break
@@ -293,25 +298,26 @@ class Trainer:
 
 
 class _Throughput:
-    """Timing of the steps since the last log line, and the Megatron-shaped line itself."""
+    """Timing of the training steps since the last log line (``StepTimer``), and the Megatron-shaped
+    line itself."""
 
     def __init__(self, cfg: TrainConfig, model_args: ModelArgs, device: torch.device) -> None:
         self.cfg = cfg
         self.device = device
         self.flops_per_token = training_flops_per_token(model_args, cfg.seq_length)
-        self.peak = peak_tflops(device)
-        self.restart()
-
-    def restart(self) -> None:
-        """Evaluation and saving do not count as training time."""
-        self.start = time.perf_counter()
+        self.peak = peak_tflops(device, cfg.peak_tflops)
+        if self.peak is not None:
+            source = "--peak-tflops" if cfg.peak_tflops is not None else device_name(device)
+            print_rank_0(f"> MFU against a peak of {self.peak:.0f} TFLOP/s per device ({source})")
+        elif device.type == "cuda":
+            print_rank_0(f"> no MFU: no known bf16 peak for {device_name(device)!r}; pass --peak-tflops")
+        self.timer = StepTimer(device)
 
     def log(self, trainer: Trainer) -> None:
         """Print the line for the steps since the last one (losses averaged over them)."""
         cfg, window = self.cfg, trainer.loss_window
-        if self.device.type == "cuda":
-            torch.cuda.synchronize()
-        step_time = (time.perf_counter() - self.start) / len(window)
+        steps, seconds = self.timer.take()
+        step_time = seconds / max(steps, 1)
         tokens_per_s = cfg.global_batch_size * cfg.seq_length / step_time
         tflops = self.flops_per_token * tokens_per_s / cfg.world_size / 1e12
         metrics = {
@@ -328,10 +334,11 @@ class _Throughput:
             "tflops_per_device": tflops,
             "flops_per_token": self.flops_per_token,
             "mfu": tflops / self.peak if self.peak else None,
+            "peak_tflops": self.peak,
+            "optimizer": trainer.optimizer_name,
             "peak_memory_gb": peak_memory_gb(self.device),
             "skipped_iterations": trainer.guard.take_window_skips(),
         }
         print_rank_0(format_train_line(metrics))
         trainer.writer.write("throughput", {k: v for k, v in metrics.items() if k != "train_iters"})
         trainer.loss_window = []
-        self.restart()
