@@ -13,6 +13,7 @@ import os
 import socket
 import sys
 import warnings
+from datetime import timedelta
 from typing import Any
 
 import torch
@@ -69,14 +70,22 @@ def _resolve_device(choice: str) -> torch.device:
     return torch.device("cpu")
 
 
-def _init_distributed(device: torch.device) -> bool:
-    """Initialise the default process group; returns whether we did (and so must destroy it)."""
+def _init_distributed(device: torch.device, timeout_minutes: float) -> bool:
+    """Initialise the default process group; returns whether we did (and so must destroy it).
+
+    ``--distributed-timeout-minutes`` becomes the timeout of the default group and the default of every
+    group created later (ours in ``ParallelState``, DeepSpeed's own)."""
+    from megatron_cola.parallel import set_default_group_timeout
+
+    timeout = timedelta(minutes=timeout_minutes)
+    set_default_group_timeout(timeout)
     if dist.is_initialized():
         return False
     import deepspeed
 
     _prepare_launch_env()
-    deepspeed.init_distributed(dist_backend="nccl" if device.type == "cuda" else "gloo", verbose=False)
+    backend = "nccl" if device.type == "cuda" else "gloo"
+    deepspeed.init_distributed(dist_backend=backend, verbose=False, timeout=timeout)
     return True
 
 
@@ -105,7 +114,7 @@ def pretrain(argv: list[str] | None = None) -> dict[str, Any]:
     _prepare_launch_env()  # LOCAL_RANK etc. for srun / single process, before picking the GPU
     device = _resolve_device(cfg.device)
 
-    created_pg = _init_distributed(device)
+    created_pg = _init_distributed(device, cfg.distributed_timeout_minutes)
     try:
         return Trainer(cfg, model_args, tokenizer, device).run()
     finally:

@@ -94,6 +94,15 @@ class TrainConfig:
     """One GEMM for q/k/v and one for gate/up (``--grouped-projections``)."""
     chunked_loss: bool
     """LM head and loss a chunk of tokens at a time, no full-vocab logits (``--chunked-loss``)."""
+    # hangs, stragglers and data safety (training/watchdog.py, training/checkpointing.py)
+    distributed_timeout_minutes: float
+    """Timeout of every process group (``--distributed-timeout-minutes``)."""
+    hang_timeout_minutes: float | None
+    """No step for this long: stacks and exit (``None``: from the step time; 0: off)."""
+    log_straggler: bool
+    """Slowest and fastest rank's step time at each log line."""
+    allow_data_change: bool
+    """Resume although ``--data-path``/``--split`` changed (recorded in the data history)."""
     # derived
     world_size: int
     """Processes in the job (from the launcher's environment)."""
