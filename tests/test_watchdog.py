@@ -17,6 +17,7 @@ import time
 from pathlib import Path
 
 import pytest
+import torch
 
 from megatron_cola.training.arguments import ArgumentError, parse_args, validate_args
 from megatron_cola.training.watchdog import (
@@ -136,6 +137,11 @@ def test_sigstop_one_rank_names_it_dumps_stacks_and_resumes_exactly(synthetic_pr
     second = _losses(tb2)
     assert sorted(second) == list(range(resumed_from + 1, last + 1))
     assert all(second[i] == first[i] for i in second), [(i, first[i], second[i]) for i in second]
+    # The resumed checkpoint carries the data history of the run (one stretch: nothing changed).
+    states = torch.load(ckpt / f"iter_{last:07d}" / "mp_rank_00_model_states.pt", weights_only=False)
+    assert states["data_history"] == [
+        {"iteration": 0, "consumed_samples": 0, "data_path": [synthetic_prefix], "split": "90,5,5"}
+    ]
 
 
 # ---------------------------------------------------------------------------------------------- units
@@ -191,3 +197,41 @@ def test_second_signal_ends_the_rank_even_while_the_main_thread_waits() -> None:
     finally:
         w.stop()
         signal.signal(signal.SIGUSR1, previous)
+
+
+# ---------------------------------------------------------------------------------------------- data
+def test_data_change_is_refused_unless_allowed_and_kept_in_the_history(
+    synthetic_prefix: str, tmp_path
+) -> None:
+    from megatron_cola.errors import CheckpointError
+    from megatron_cola.training.checkpointing import initial_data_history, resumed_data_history
+
+    other = str(tmp_path / "other_text_document")
+    for ext in (".bin", ".idx"):
+        Path(other + ext).write_bytes(Path(synthetic_prefix + ext).read_bytes())
+    first = _flags(synthetic_prefix)
+    saved = {"args": {"data_path": [synthetic_prefix], "split": "90,5,5"}}
+    saved["data_history"] = initial_data_history(first)
+    # The same data (also through another spelling of the same path) resumes with the same history.
+    assert resumed_data_history(saved, first, 4, 64) == saved["data_history"]
+    relative = _flags(os.path.relpath(synthetic_prefix))
+    assert resumed_data_history(saved, relative, 4, 64) == saved["data_history"]
+    # Another corpus or split: refused, naming both.
+    with pytest.raises(CheckpointError) as e:
+        resumed_data_history(saved, _flags(other), 4, 64)
+    assert f"--data-path was {synthetic_prefix}, now {other}" in str(e.value)
+    assert "consumed sample 64 (iteration 4)" in str(e.value) and "--allow-data-change" in str(e.value)
+    with pytest.raises(CheckpointError, match="--split was 90,5,5, now 80,10,10"):
+        resumed_data_history(saved, _flags(synthetic_prefix, "--split", "80,10,10"), 4, 64)
+    # Allowed: the history grows by one entry at the resumed iteration.
+    allowed = _flags(other, "--allow-data-change")
+    history = resumed_data_history(saved, allowed, 4, 64)
+    assert history == [
+        *saved["data_history"],
+        {"iteration": 4, "consumed_samples": 64, "data_path": [other], "split": "90,5,5"},
+    ]
+    # A checkpoint from before the history: its recorded flags stand for it.
+    old = {"args": {"data_path": [synthetic_prefix], "split": "90,5,5"}}
+    assert resumed_data_history(old, first, 4, 64) == saved["data_history"]
+    with pytest.raises(CheckpointError, match="--data-path was"):
+        resumed_data_history(old, _flags(other), 4, 64)

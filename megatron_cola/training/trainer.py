@@ -61,6 +61,7 @@ class Trainer:
         self.start_time = time.time()  # for --exit-duration-in-mins
         self.signals: ExitSignalHandler | None = None
         self.watchdog: Watchdog | None = None
+        self.data_history = checkpointing.initial_data_history(cfg)  # --data-path/--split per stretch
 
     # ------------------------------------------------------------------------------------------ setup
     def setup(self) -> None:
@@ -138,7 +139,7 @@ class Trainer:
             print_rank_0(f"> loaded weights only from {reader.dir}; starting at iteration 0")
         self.engine, self.scheduler = build_engine(cfg, model, self.parallel, self.device)
         if reader is not None and not weights_only:
-            self.iteration, self.consumed_samples = checkpointing.load_checkpoint(
+            self.iteration, self.consumed_samples, self.data_history = checkpointing.load_checkpoint(
                 self.engine, cfg, self.model_args, reader
             )
             print_rank_0(f"> resumed from {reader.dir} at iteration {self.iteration}")
@@ -242,6 +243,7 @@ class Trainer:
             },
             vocab_size=self.tokenizer.vocab_size,
             split_dims=self.split_dims,
+            data_history=self.data_history,
         )
 
     # ------------------------------------------------------------------------------------------ loop
