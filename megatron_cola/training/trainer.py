@@ -23,6 +23,7 @@ import torch.distributed as dist
 
 from megatron_cola.checkpoint.weights import adopt_architecture, load_weights_only
 from megatron_cola.config import ModelArgs
+from megatron_cola.data import check_dataset_files
 from megatron_cola.data.tokenizers import AbstractTokenizer
 from megatron_cola.errors import ConfigError
 from megatron_cola.model.flops import training_flops_per_token
@@ -277,6 +278,8 @@ class Trainer:
             if it % cfg.log_interval == 0 or it == cfg.train_iters:
                 self._flush_steps()
                 meter.log(self)
+                # A .bin/.idx truncated or rewritten under the run: a DataError naming it (two fstat each).
+                check_dataset_files(self.train_ds, self.valid_ds, self.test_ds)
             if self.valid_ds is not None and cfg.eval_iters > 0 and it % cfg.eval_interval == 0:
                 self.history["valid"].append((it, self._evaluate_and_log("validation", self.valid_ds)))
                 meter.restart()
