@@ -63,6 +63,10 @@ HANG_FLOOR_S = 300.0
 
 #: Signals whose second arrival ends the rank at once (the first asks for a save; SIGINT: Ctrl-C).
 ESCALATING_SIGNALS = (signal.SIGTERM, signal.SIGINT, signal.SIGUSR1)
+#: Signals this soon after the first are the same request delivered twice (Ctrl-C or ``timeout`` signal
+#: the whole process group, and torchrun or DeepSpeed's launch.py forward it again): they do not end the
+#: rank; a signal later than this does.
+SECOND_SIGNAL_AFTER_S = 5.0
 
 
 @dataclass(frozen=True)
@@ -102,6 +106,7 @@ class Watchdog:
         hang_timeout_minutes: float | None,
         distributed_timeout_minutes: float,
         exit_fn: Callable[[int], Any] = os._exit,
+        second_signal_after_s: float = SECOND_SIGNAL_AFTER_S,
     ) -> None:
         self.rank = rank
         self.peers = peers
@@ -118,7 +123,9 @@ class Watchdog:
         self._thread: threading.Thread | None = None
         self._wakeup: tuple[socket.socket, socket.socket] | None = None
         self._previous_wakeup_fd = -1
-        self._signals_seen = 0
+        self._first_signal_at: float | None = None
+        self.second_signal_after_s = second_signal_after_s
+        self._launcher = _deepspeed_launcher()
 
     # ------------------------------------------------------------------------------- main thread API
     @property
@@ -206,6 +213,13 @@ class Watchdog:
 
     def _run(self) -> None:
         while not self._stop.wait(self.poll_s()):
+            if self._launcher is not None and self._launcher.runner_gone():
+                _say(
+                    f"> rank {self.rank}: the deepspeed runner (pid {self._launcher.runner_pid}) is gone and "
+                    "left its launch.py running: taking that as SIGTERM"
+                )
+                self._launcher = None
+                os.kill(os.getpid(), signal.SIGTERM)
             claim = self.claim_path
             joined = claim is not None and os.path.exists(claim)
             idle = time.monotonic() - self.last_beat
@@ -231,12 +245,16 @@ class Watchdog:
             for signum in data:
                 if signum not in escalating:
                     continue
-                self._signals_seen += 1
-                if self._signals_seen >= 2:
-                    name = signal.Signals(signum).name
-                    _say(f"> rank {self.rank}: second {name}: ending now (the save, if any, is not finished)")
-                    self.exit_fn(128 + signum)
-                    return
+                now = time.monotonic()
+                if self._first_signal_at is None:
+                    self._first_signal_at = now
+                    continue
+                if now - self._first_signal_at < self.second_signal_after_s:
+                    continue  # the same request delivered twice (the process group and a launcher)
+                name = signal.Signals(signum).name
+                _say(f"> rank {self.rank}: second {name}: ending now (a save in progress is not finished)")
+                self.exit_fn(128 + signum)
+                return
 
     # ------------------------------------------------------------------------------- hang report
     def _claim_dir(self) -> str | None:
@@ -322,6 +340,41 @@ class Watchdog:
                 with contextlib.suppress(ProcessLookupError, PermissionError):
                     os.kill(p.pid, signal.SIGKILL)  # stopped or stuck: SIGTERM would wait forever
         self.exit_fn(HANG_EXIT_CODE)
+
+
+@dataclass
+class _LauncherWatch:
+    """DeepSpeed's ``runner`` starts ``launch.py``, which starts the ranks. The runner forwards no signal
+    on a single node: killed (``timeout``, ``kill`` or Ctrl-C from another shell), it leaves launch.py
+    and every rank running. A rank sees it: launch.py, its parent, gets another parent."""
+
+    launch_pid: int
+    runner_pid: int
+
+    def runner_gone(self) -> bool:
+        return _parent_of(self.launch_pid) not in (self.runner_pid, None)
+
+
+def _parent_of(pid: int) -> int | None:
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            return int(f.read().rsplit(")", 1)[1].split()[1])
+    except (OSError, ValueError, IndexError):
+        return None
+
+
+def _deepspeed_launcher() -> _LauncherWatch | None:
+    """The watch when this rank runs under DeepSpeed's local launch.py (Linux ``/proc``), else None."""
+    launch = os.getppid()
+    try:
+        with open(f"/proc/{launch}/cmdline", "rb") as f:
+            cmdline = f.read()
+    except OSError:
+        return None
+    runner = _parent_of(launch)
+    if b"deepspeed.launcher.launch" not in cmdline or runner is None or runner <= 1:
+        return None
+    return _LauncherWatch(launch, runner)
 
 
 def _say(line: str) -> None:
