@@ -323,17 +323,23 @@ class Watchdog:
             int(n[4:-4]) for n in os.listdir(directory) if n.startswith("rank") and n.endswith(".txt")
         )
         missing = [p for p in self.peers if p.rank not in reported]
+        names = ", ".join(f"{p.rank} ({p.host} pid {p.pid})" for p in missing) or "none"
+        line = (
+            f"HANG: no training step completed for {_fmt_s(self.timeout_s())} after iteration "
+            f"{self.iteration}; ranks that did not report: {names}; Python stacks of the others in "
+            f"{directory}; exiting with status {HANG_EXIT_CODE} so that the job can restart from the last "
+            "checkpoint"
+        )
+        # Every reporting rank writes the summary (a launcher may end the others as soon as one exits);
+        # the lowest one prints it, and the others exit a moment later so that it can.
+        tmp = os.path.join(directory, f".summary.txt.tmp-{self.rank}")
+        with open(tmp, "w") as f:
+            f.write(line + "\n")
+        os.replace(tmp, os.path.join(directory, "summary.txt"))
         if reported and reported[0] == self.rank:
-            names = ", ".join(f"{p.rank} ({p.host} pid {p.pid})" for p in missing) or "none"
-            line = (
-                f"> HANG: no training step completed for {_fmt_s(self.timeout_s())} after iteration "
-                f"{self.iteration}; ranks that did not report: {names}; Python stacks of the others in "
-                f"{directory}; exiting with status {HANG_EXIT_CODE} so that the job restarts from the "
-                "last checkpoint"
-            )
-            _say(line)
-            with open(os.path.join(directory, "summary.txt"), "w") as f:
-                f.write(line[2:] + "\n")
+            _say("> " + line)
+        else:
+            time.sleep(1.0)
         here = socket.gethostname()
         for p in missing:
             if p.host == here and p.pid != os.getpid():
