@@ -181,6 +181,8 @@ class Watchdog:
                 signal.set_wakeup_fd(self._previous_wakeup_fd)
             r, w = self._wakeup
             self._wakeup = None
+            with contextlib.suppress(OSError):
+                r.shutdown(socket.SHUT_RDWR)  # wakes the reader thread's recv
             w.close()
             r.close()
 
