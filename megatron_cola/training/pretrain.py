@@ -70,7 +70,7 @@ def _resolve_device(choice: str) -> torch.device:
     return torch.device("cpu")
 
 
-def _init_distributed(device: torch.device, timeout_minutes: float) -> bool:
+def _init_distributed(device: torch.device, timeout_minutes: float = 10.0) -> bool:
     """Initialise the default process group; returns whether we did (and so must destroy it).
 
     ``--distributed-timeout-minutes`` becomes the timeout of the default group and the default of every
