@@ -321,24 +321,6 @@ def test_save_dir_with_checkpoints_is_refused(synthetic_prefix: str, base_run: P
 
 
 @pytest.mark.slow
-def test_changed_data_path_on_resume_is_refused(
-    synthetic_prefix: str, base_run: Path, tmp_path: Path
-) -> None:
-    """Another corpus at the same consumed_samples is refused, naming both paths; nothing is trained."""
-    ckpt = _copy(base_run, tmp_path)
-    other = tmp_path / "other_text_document"
-    for ext in (".bin", ".idx"):
-        shutil.copy(synthetic_prefix + ext, str(other) + ext)
-    args = _run_args(str(other), "--load", str(ckpt), "--save", str(ckpt))
-    proc = run_torchrun(args, check=False)
-    assert proc.returncode != 0
-    assert f"--data-path was {synthetic_prefix}, now {other}" in proc.stderr, proc.stderr[-3000:]
-    assert "--allow-data-change" in proc.stderr
-    assert (ckpt / "latest").read_text().strip() == "iter_0000004"
-    assert sorted(p.name for p in ckpt.glob("iter_*")) == ["iter_0000002", "iter_0000004"]
-
-
-@pytest.mark.slow
 def test_kill_during_save_then_exact_resume(synthetic_prefix: str, base_run: Path, tmp_path: Path) -> None:
     ckpt, tb = tmp_path / "ckpt", tmp_path / "tb"
     args = _run_args(synthetic_prefix, "--exit-interval", "4", save_interval=1)

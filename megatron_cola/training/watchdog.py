@@ -214,7 +214,8 @@ class Watchdog:
         return None if not self.save_dir else os.path.join(self.save_dir, f".hang-{self.run_id}")
 
     def _run(self) -> None:
-        while not self._stop.wait(self.poll_s()):
+        # Under DeepSpeed's launch.py the runner is looked for every second (one read of /proc).
+        while not self._stop.wait(min(self.poll_s(), 1.0) if self._launcher else self.poll_s()):
             if self._launcher is not None and self._launcher.runner_gone():
                 _say(
                     f"> rank {self.rank}: the deepspeed runner (pid {self._launcher.runner_pid}) is gone and "
