@@ -224,13 +224,9 @@ class Trainer:
         """Write a checkpoint of the current iteration into ``--save``."""
         self._flush_steps()
         tokenizer_model = os.path.abspath(self.cfg.tokenizer_model) if self.cfg.tokenizer_model else None
-        with self._long_phase(f"saving iteration {self.iteration}"):
-            path = self._save(tokenizer_model)
-        print_rank_0(f"> saved checkpoint {path}")
-        return path
-
-    def _save(self, tokenizer_model: str | None) -> str:
-        return checkpointing.save_checkpoint(
+        if self.watchdog is not None:  # a save is a long phase for the hang watchdog (ended on return)
+            self.watchdog.enter_phase(f"saving iteration {self.iteration}")
+        path = checkpointing.save_checkpoint(
             self.engine,
             self.cfg,
             self.model_args,
@@ -246,6 +242,10 @@ class Trainer:
             split_dims=self.split_dims,
             data_history=self.data_history,
         )
+        if self.watchdog is not None:
+            self.watchdog.leave_phase()
+        print_rank_0(f"> saved checkpoint {path}")
+        return path
 
     # ------------------------------------------------------------------------------------------ loop
     def run(self) -> dict[str, Any]:

@@ -119,6 +119,7 @@ class Watchdog:
         self.last_beat = time.monotonic()
         self.recent: collections.deque[float] = collections.deque(maxlen=RECENT_STEPS)
         self.phase: str | None = "setup"
+        self._phases: list[str | None] = []
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
         self._wakeup: tuple[socket.socket, socket.socket] | None = None
@@ -160,18 +161,25 @@ class Watchdog:
         self.last_beat = now
         self.phase = None
 
-    @contextlib.contextmanager
-    def long_phase(self, name: str) -> Iterator[None]:
-        """A save or an evaluation: the timeout is at least ``--distributed-timeout-minutes`` inside,
-        and the time it took does not count as a step."""
-        previous = self.phase
+    def enter_phase(self, name: str) -> None:
+        """A save or an evaluation begins: the timeout is at least ``--distributed-timeout-minutes``
+        until ``leave_phase``, and the time it takes does not count as a step."""
+        self._phases.append(self.phase)
         self.phase = name
         self.last_beat = time.monotonic()
+
+    def leave_phase(self) -> None:
+        self.phase = self._phases.pop() if self._phases else None
+        self.last_beat = time.monotonic()
+
+    @contextlib.contextmanager
+    def long_phase(self, name: str) -> Iterator[None]:
+        """``enter_phase``/``leave_phase`` around a block."""
+        self.enter_phase(name)
         try:
             yield
         finally:
-            self.phase = previous
-            self.last_beat = time.monotonic()
+            self.leave_phase()
 
     def stop(self) -> None:
         """Stop the thread and restore the previous wake-up fd."""
