@@ -68,7 +68,7 @@ def _torchrun(args: list[str], **kw) -> subprocess.Popen:
 def test_sigstop_one_rank_names_it_dumps_stacks_and_resumes_exactly(synthetic_prefix: str, tmp_path) -> None:
     ckpt, tb1, tb2 = tmp_path / "ckpt", tmp_path / "tb1", tmp_path / "tb2"
     common = synthetic_args(
-        synthetic_prefix, "--train-iters", "60", "--save", str(ckpt), "--save-interval", "5"
+        synthetic_prefix, "--train-iters", "60", "--save", str(ckpt), "--save-interval", "8"
     )
     common += ["--hang-timeout-minutes", "0.05", "--distributed-timeout-minutes", "2"]
     log = tmp_path / "run1.log"
@@ -79,10 +79,10 @@ def test_sigstop_one_rank_names_it_dumps_stacks_and_resumes_exactly(synthetic_pr
     ranks: dict[int, int] = {}
     try:
         deadline = time.time() + 120
-        while " iteration        6/" not in log.read_text():
+        while " iteration        9/" not in log.read_text():
             assert proc.poll() is None and time.time() < deadline, log.read_text()[-3000:]
             time.sleep(0.1)
-        print(f"iteration 6 after {time.time() - t0:.1f} s")
+        print(f"iteration 9 after {time.time() - t0:.1f} s")
         ranks = _rank_pids(proc.pid)
         os.kill(ranks[1], signal.SIGSTOP)
         stopped_at = time.time()
