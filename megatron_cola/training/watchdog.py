@@ -8,25 +8,28 @@ sync). When it exceeds the hang timeout, the rank that notices claims a director
 ``SAVE_DIR/hang-<UTC time>`` (an atomic ``link`` of a per-run claim file, so every rank agrees on one
 name), and every rank that still runs Python writes its stacks there, ``rank<N>.txt`` (``faulthandler``,
 all threads): the ranks that are not past their own timeout yet see the claim within one poll and join.
-After a grace period the lowest rank that reported prints one line naming the ranks that did not report,
-``SIGKILL``s those on its own host (a stopped process ignores ``SIGTERM``; the launcher would otherwise
-wait on it), and every reporting rank exits with status ``HANG_EXIT_CODE``. The scheduler's requeue then
-restarts the job from the last checkpoint. A collective cannot be used for any of this: the stopped
-rank would not join it. Files in ``--save`` are used because every rank can reach it (checkpoints need
-that anyway) and nothing of it lives in a process that may be the one stopped (a ``TCPStore`` is served
-by rank 0 or the launcher).
+After a grace period every reporting rank writes ``summary.txt`` naming the ranks that did not report,
+the lowest one prints it as one line, each ``SIGKILL``s the silent ranks on its own host (a stopped
+process never acts on ``SIGTERM``; the launcher would wait on it), and exits with status
+``HANG_EXIT_CODE``; the job script's requeue restarts the job from the last checkpoint. A collective
+cannot be used for any of this: the stopped rank would not join it. Files in ``--save`` are used because
+every rank can reach it (checkpoints need that anyway) and nothing of it lives in a process that may be
+the one stopped (a ``TCPStore`` is served by rank 0 or the launcher).
 
 The hang timeout is ``--hang-timeout-minutes`` when given (0: off); otherwise ``HANG_MULTIPLE`` times the
 slowest of the last ``RECENT_STEPS`` steps, at least ``HANG_FLOOR_S``. Until the first step completes,
-and during a save or an evaluation (``long_phase``), it is at least ``--distributed-timeout-minutes``:
+and during a save or an evaluation (``enter_phase``), it is at least ``--distributed-timeout-minutes``:
 those are legitimately long, and a collective stuck in them fails at that timeout anyway.
 
 **Signals.** Python runs signal handlers only in the main thread, between bytecodes: while it waits in a
 collective, ``--exit-signal-handler`` cannot even record a ``SIGTERM``. The watchdog sets
-``signal.set_wakeup_fd`` so that the C-level handler writes each signal's number to a socket that the
-watchdog thread reads at once. A second ``SIGTERM``/``SIGINT``/``SIGUSR1`` (the first one asks for a save
-at the next step boundary) ends the rank at once with status 128 + the signal, whatever the main thread
-is doing: that is how a launcher (or a user) escalates after the save grace.
+``signal.set_wakeup_fd`` so that the C-level handler writes each signal's number to a socket that a
+thread of the watchdog reads at once. The first ``SIGTERM``/``SIGINT``/``SIGUSR1`` is the exit-signal
+handler's (save at the next step boundary), and so is any within ``SECOND_SIGNAL_AFTER_S`` of it (Ctrl-C
+and ``timeout`` signal the whole process group, and torchrun or DeepSpeed's launch.py forward it again);
+a later one ends the rank at once with status 128 + the signal, whatever the main thread is doing.
+Under DeepSpeed's local launch.py, a rank also watches the runner: killed alone, the runner forwards
+nothing, so a rank that sees its launch.py orphaned sends itself ``SIGTERM``.
 
 **Stragglers.** ``straggler_line`` gathers every rank's mean step time of the log window (one
 all-gather of one float per rank, at the log interval only) and names the slowest and fastest rank.
