@@ -3,8 +3,8 @@
 **Hangs.** A rank that stops (a GPU Xid, an NFS stall, a deadlocked data worker, ``SIGSTOP``) holds every
 other rank inside a collective until the backend's timeout, and nothing says which rank stopped or where.
 A ``Watchdog`` thread on every rank watches the time since the last completed step (the trainer calls
-``beat()`` after each step: a clock read, three attribute writes and a deque append, no I/O, no collective, no device
-sync). When it exceeds the hang timeout, the rank that notices claims a directory
+``beat()`` after each step: a clock read, three attribute writes and a deque append; no I/O, no
+collective, no device sync). When it exceeds the hang timeout, the rank that notices claims a directory
 ``SAVE_DIR/hang-<UTC time>`` (an atomic ``link`` of a per-run claim file, so every rank agrees on one
 name), and every rank that still runs Python writes its stacks there, ``rank<N>.txt`` (``faulthandler``,
 all threads): the ranks that are not past their own timeout yet see the claim within one poll and join.
