@@ -238,3 +238,60 @@ def test_data_change_is_refused_unless_allowed_and_kept_in_the_history(
     assert resumed_data_history(old, first, 4, 64) == saved["data_history"]
     with pytest.raises(CheckpointError, match="--data-path was"):
         resumed_data_history(old, _flags(other), 4, 64)
+
+
+# ---------------------------------------------------------------------------------------------- timeouts
+_GROUP_TIMEOUT_SCRIPT = r"""
+import os, sys, time
+from datetime import timedelta
+import torch, torch.distributed as dist
+from megatron_cola.parallel import ParallelState, set_default_group_timeout
+
+rank, port, done = int(sys.argv[1]), sys.argv[2], sys.argv[3]
+timeout = timedelta(seconds=2)
+set_default_group_timeout(timeout)
+url = f"tcp://127.0.0.1:{port}"
+dist.init_process_group("gloo", init_method=url, rank=rank, world_size=2, timeout=timedelta(seconds=60))
+ours = ParallelState.from_torch_distributed(1, timeout=timeout).dp_group
+theirs = dist.new_group([0, 1])  # as DeepSpeed creates its groups: no timeout given
+if rank == 1:  # joins neither collective; leaves once rank 0 is done (at most 30 s)
+    deadline = time.time() + 30
+    while not os.path.exists(done) and time.time() < deadline:
+        time.sleep(0.05)
+    os._exit(0)
+for name, group in (("ours", ours), ("deepspeed-style", theirs)):
+    start = time.time()
+    try:
+        dist.all_reduce(torch.ones(1), group=group)
+        print(name, "no error", flush=True)
+    except RuntimeError:
+        print(name, f"timed out after {time.time() - start:.1f} s", flush=True)
+open(done, "w").close()
+os._exit(0)
+"""
+
+
+def test_distributed_timeout_reaches_our_groups_and_deepspeeds(tmp_path) -> None:
+    """A collective of a group we create, and of one created without a timeout (as DeepSpeed does),
+    fails after --distributed-timeout-minutes instead of torch's 30-minute gloo default."""
+    from .conftest import free_port
+
+    script = tmp_path / "groups.py"
+    script.write_text(_GROUP_TIMEOUT_SCRIPT)
+    port, done = str(free_port()), str(tmp_path / "done")
+    procs = [
+        subprocess.Popen(
+            [sys.executable, str(script), str(r), port, done],
+            env=dist_env(),
+            stdout=subprocess.PIPE,
+            stderr=subprocess.STDOUT,
+            text=True,
+        )
+        for r in (0, 1)
+    ]
+    out = [p.communicate(timeout=120)[0] for p in procs]
+    lines = [x for x in out[0].splitlines() if x.startswith(("ours", "deepspeed-style"))]
+    assert len(lines) == 2, out
+    for line, name in zip(lines, ("ours", "deepspeed-style")):
+        assert line.startswith(f"{name} timed out after "), out
+        assert float(line.split()[-2]) < 6, out  # torch's default for gloo: 30 minutes
