@@ -9,6 +9,7 @@ and GPU (nccl).
 
 from __future__ import annotations
 
+import faulthandler
 import os
 import socket
 import sys
@@ -126,6 +127,10 @@ def pretrain(argv: list[str] | None = None) -> dict[str, Any]:
 def main(argv: list[str] | None = None) -> int:
     # DeepSpeed 0.19 still calls a c10d API that torch 2.13 marks deprecated, once per step.
     warnings.filterwarnings("ignore", message=".*all_gather_into_tensor.*", category=FutureWarning)
+    # A fatal signal (SIGSEGV, SIGBUS from a memory-mapped file that shrank, SIGABRT) prints every
+    # thread's Python stack to stderr before the rank dies, instead of nothing.
+    if not faulthandler.is_enabled():
+        faulthandler.enable(all_threads=True)
     try:
         pretrain(argv)
     except MegatronColaError as e:
