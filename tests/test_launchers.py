@@ -244,7 +244,7 @@ def test_deepspeed_launcher_runs_the_size_script(synthetic_prefix: str, tmp_path
 
 @pytest.mark.slow
 def test_sigterm_to_the_deepspeed_runner_alone_leaves_nothing_behind(synthetic_prefix: str, tmp_path) -> None:
-    """``kill RUNNER`` (``timeout`` on the runner, Ctrl-C from another shell): DeepSpeed's runner dies and
+    """``kill RUNNER`` (``timeout --foreground``, Ctrl-C from another shell): DeepSpeed's runner dies and
     forwards nothing, so its launch.py and the ranks used to train on. The ranks see their launcher
     orphaned, save at the next step boundary and exit 0; launch.py follows."""
     import signal

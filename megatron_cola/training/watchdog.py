@@ -365,8 +365,8 @@ class Watchdog:
 @dataclass
 class _LauncherWatch:
     """DeepSpeed's ``runner`` starts ``launch.py``, which starts the ranks. The runner forwards no signal
-    on a single node: killed (``timeout``, ``kill`` or Ctrl-C from another shell), it leaves launch.py
-    and every rank running. A rank sees it: launch.py, its parent, gets another parent."""
+    on a single node: killed alone (``kill``, ``timeout --foreground``, Ctrl-C from another shell), it
+    leaves launch.py and every rank running. A rank sees it: launch.py, its parent, gets another parent."""
 
     launch_pid: int
     runner_pid: int
