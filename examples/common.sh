@@ -18,7 +18,9 @@
 #   GLOBAL_BATCH [512]   SEQ_LENGTH [256]   RECOMPUTE [none|full|cola-m]   FULL_RANK=1 for the LLaMA baseline
 #   WARMUP, TRAIN_ITERS, SPLIT [969,30,1], DEVICE [auto], SAVE_INTERVAL, EVAL_INTERVAL, EVAL_ITERS, LOG_INTERVAL
 #   OMP_NUM_THREADS [1]  threads per rank (torchrun's default; set it higher for CPU-heavy data work)
-#   EXIT_SIGNAL_HANDLER [1]   see env.sh
+#   EXIT_SIGNAL_HANDLER [1]   see env.sh. The ranks exit 0 after a signal-triggered save; the launcher's
+#                    own status differs: torchrun exits 1 when it got the signal itself, the deepspeed
+#                    runner dies of it (docs/reliability.md, "Exit status by launcher")
 #   LAUNCHER [deepspeed]  how the ranks start:
 #     deepspeed  python -m deepspeed.launcher.runner (single node: local, no ssh; HOSTFILE: pdsh/ssh)
 #     torchrun   torch.distributed.run (c10d rendezvous at MASTER_ADDR:MASTER_PORT; run it on every node)

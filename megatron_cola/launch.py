@@ -5,6 +5,11 @@ The size scripts are bash and Python at once; as Python they call :func:`run_ran
 script, run by bash with ``LAUNCHER=args``, for pretrain_cola.py's flags (the recipe lives only in the
 bash scripts and ``examples/common.sh``) and then replaces this process with ``pretrain_cola.py`` and
 those flags, so the rank keeps its PID and receives the launcher's signals itself.
+
+DeepSpeed's runner forwards no signal to launch.py on a single node: killed alone (``kill``,
+``timeout --foreground``, Ctrl-C from another shell) it leaves launch.py and the ranks running. The rank
+notices its launch.py orphaned and acts as if it got SIGTERM (``training/watchdog.py``): it saves at the
+next step boundary and exits 0, and launch.py exits with it.
 """
 
 from __future__ import annotations

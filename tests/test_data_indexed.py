@@ -259,3 +259,54 @@ def test_empty_documents_in_builder_match_megatron(tmp_path):
     assert (tmp_path / "e.idx").read_bytes() == spec_expected_idx_bytes(
         [2, 2], [0, 0, 1, 1, 1, 2, 2], "uint16"
     )
+
+
+def _long_dataset(tmp_path) -> str:
+    """300 sequences of 100 uint16 tokens (60 KB of .bin), one document each."""
+    prefix = str(tmp_path / "long")
+    builder = MMapIndexedDatasetBuilder(data_file_path(prefix), dtype=np.uint16)
+    for i in range(300):
+        builder.add_item(np.full(100, i + 1, dtype=np.int64))
+        builder.end_document()
+    builder.finalize(index_file_path(prefix))
+    return prefix
+
+
+@pytest.mark.parametrize("cut", [4, 8192])
+def test_bin_truncated_while_open_is_a_data_error_naming_it(tmp_path, cut):
+    """A .bin that shrinks under a running job: 4 bytes used to read stale zeros, 8 KiB a SIGBUS. Now
+    the read of a lost sequence and the per-log-interval check both name the file; what is still on
+    disk reads as before."""
+    from megatron_cola.data import BlendedDataset, GPTDataset, check_dataset_files
+
+    prefix = _long_dataset(tmp_path)
+    ds = MMapIndexedDataset(prefix)
+    gpt = GPTDataset(ds, (0, 300), seq_length=50, num_samples=None, seed=1, cache_dir=str(tmp_path))
+    blend = BlendedDataset([gpt], [1.0], 10)
+    check_dataset_files(blend, None)  # unchanged: nothing to say
+    size = os.path.getsize(data_file_path(prefix))
+    with open(data_file_path(prefix), "r+b") as f:
+        f.truncate(size - cut)
+    assert ds.get(0).tolist() == [1] * 100  # before the cut: intact
+    with pytest.raises(IndexedDatasetError) as e:
+        ds.get(299)
+    assert f"{data_file_path(prefix)}: changed while the run was reading it: {size} bytes when opened" in str(
+        e.value
+    )
+    assert f"{size - cut} now (truncated)" in str(e.value)
+    with pytest.raises(IndexedDatasetError, match=r"long\.bin: changed while the run"):
+        check_dataset_files(blend)
+    with pytest.raises(IndexedDatasetError, match=r"long\.bin"):
+        for i in range(len(gpt)):  # every sample of the split, as an epoch would read them
+            gpt[i]
+
+
+def test_idx_rewritten_while_open_is_named(tmp_path):
+    from megatron_cola.data import check_dataset_files
+
+    prefix = _long_dataset(tmp_path)
+    ds = MMapIndexedDataset(prefix)
+    with open(index_file_path(prefix), "ab") as f:
+        f.write(b"\0" * 8)
+    with pytest.raises(IndexedDatasetError, match=r"long\.idx: changed while the run.*\(grown\)"):
+        check_dataset_files(ds)

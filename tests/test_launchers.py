@@ -240,3 +240,64 @@ def test_deepspeed_launcher_runs_the_size_script(synthetic_prefix: str, tmp_path
     assert (save / "latest").read_text().strip() == "iter_0000003"
     rows = [json.loads(x) for x in (save / "tensorboard" / "metrics.jsonl").read_text().splitlines()]
     assert [r["iteration"] for r in rows if r["kind"] == "train"] == [1, 2, 3]
+
+
+@pytest.mark.slow
+def test_sigterm_to_the_deepspeed_runner_alone_leaves_nothing_behind(synthetic_prefix: str, tmp_path) -> None:
+    """``kill RUNNER`` (``timeout --foreground``, Ctrl-C from another shell): DeepSpeed's runner dies and
+    forwards nothing, so its launch.py and the ranks used to train on. The ranks see their launcher
+    orphaned, save at the next step boundary and exit 0; launch.py follows."""
+    import signal
+    import time
+
+    deepspeed = Path(sys.executable).parent / "deepspeed"
+    save = tmp_path / "ck"
+    env = {
+        **dist_env(),
+        "DATA_PATH": synthetic_prefix,
+        "TOKENIZER_TYPE": "NullTokenizer",
+        "TOKENIZER_MODEL": "none",
+        "TRAIN_ITERS": "1000",
+        "SAVE_DIR": str(save),
+        "PYTHONUNBUFFERED": "1",
+    }
+    cmd = [
+        str(deepspeed), "--num_gpus", "2", "--master_port", str(free_port()),
+        str(ROOT / "examples/pretrain_cola_debug.sh"),
+        "--vocab-size", "256", "--num-layers", "2", "--seq-length", "64", "--log-interval", "1",
+        "--eval-interval", "1000",
+    ]  # fmt: skip
+    log = tmp_path / "out.log"
+    with open(log, "w") as out:
+        runner = subprocess.Popen(
+            cmd, env=env, cwd=tmp_path, stdout=out, stderr=subprocess.STDOUT, start_new_session=True
+        )
+    group = runner.pid  # launch.py and the ranks stay in the runner's process group
+    try:
+        deadline = time.time() + 300
+        while " iteration        3/" not in log.read_text():
+            assert runner.poll() is None and time.time() < deadline, log.read_text()[-3000:]
+            time.sleep(0.2)
+        runner.send_signal(signal.SIGTERM)
+        assert runner.wait(timeout=30) == -signal.SIGTERM  # the runner itself dies of it
+        deadline = time.time() + 90
+        while time.time() < deadline:
+            try:
+                os.killpg(group, 0)
+            except ProcessLookupError:
+                break
+            time.sleep(0.2)
+        else:
+            raise AssertionError("launch.py or a rank is still running:\n" + log.read_text()[-3000:])
+    finally:
+        try:
+            os.killpg(group, signal.SIGKILL)
+        except ProcessLookupError:
+            pass
+    text = log.read_text()
+    assert text.count("is gone and left its launch.py running: taking that as SIGTERM") == 2, text[-3000:]
+    rows = [json.loads(x) for x in (save / "tensorboard" / "metrics.jsonl").read_text().splitlines()]
+    last = max(r["iteration"] for r in rows if r["kind"] == "train")
+    assert 3 <= last < 1000
+    assert f"exiting after iteration {last} (SIGTERM received" in text
+    assert (save / "latest").read_text().strip() == f"iter_{last:07d}"

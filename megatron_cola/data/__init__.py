@@ -13,6 +13,7 @@ from megatron_cola.data.indexed_dataset import (
     MMapIndexedDataset,
     MMapIndexedDatasetBuilder,
     best_fitting_dtype,
+    check_dataset_files,
     data_file_path,
     index_file_path,
 )
@@ -44,6 +45,7 @@ __all__ = [
     "build_sample_idx",
     "build_tokenizer",
     "build_train_valid_test_datasets",
+    "check_dataset_files",
     "check_token_ids",
     "data_file_path",
     "index_file_path",

@@ -29,6 +29,7 @@ from megatron_cola.errors import DataError
 
 __all__ = [
     "DTYPE_CODES",
+    "check_dataset_files",
     "DatasetNotFoundError",
     "IndexedDatasetError",
     "MMapIndexedDataset",
@@ -198,11 +199,13 @@ class MMapIndexedDataset:
                 f"{bin_path}: data file {what}: {bin_size} bytes on disk, {idx_path} describes "
                 f"{expected_bin} bytes ({n_seq} sequences of {self._dtype.name})"
             )
-        if bin_size:
-            self._bin = np.memmap(bin_path, mode="r", dtype=self._dtype)
-        else:  # np.memmap cannot map an empty file
-            self._bin = np.empty(0, dtype=self._dtype)
-        self._bin.flags.writeable = False
+        # The .bin is read with pread, not through a memory map: a file that shrinks under a running job
+        # gives a short read (an IndexedDatasetError naming it) instead of zeros from a stale page or a
+        # SIGBUS that kills the process without a word. The sizes are kept to re-check them.
+        self._bin_file = open(bin_path, "rb", buffering=0)  # noqa: SIM115  (closed with the object)
+        self._idx_file = open(idx_path, "rb", buffering=0)  # noqa: SIM115  (fstat of the mapped index)
+        self._bin_size = bin_size
+        self._idx_size = idx_size
         if check:
             self.check_integrity()
 
@@ -275,8 +278,35 @@ class MMapIndexedDataset:
             raise IndexError(
                 f"window offset={offset} length={length} outside sequence {i} of length {seq_len}"
             )
-        start = int(self._pointers[i]) // self._dtype.itemsize + offset
-        return self._bin[start : start + length]
+        itemsize = self._dtype.itemsize
+        start = int(self._pointers[i]) + offset * itemsize
+        want = length * itemsize
+        data = os.pread(self._bin_file.fileno(), want, start) if want else b""
+        if len(data) != want:
+            self.check_unchanged()  # names the file and both sizes
+            raise IndexedDatasetError(
+                f"{data_file_path(self._path_prefix)}: read {len(data)} of {want} bytes at offset {start} "
+                f"(sequence {i}); the file is shorter than its index says"
+            )
+        out = np.frombuffer(data, dtype=self._dtype)
+        return out
+
+    def check_unchanged(self) -> None:
+        """Raise :class:`IndexedDatasetError` naming the file when the ``.bin`` or ``.idx`` opened by this
+        dataset has another size now (truncated or rewritten in place while a run reads it). Two
+        ``fstat`` calls: cheap enough for every log interval."""
+        for path, f, opened in (
+            (data_file_path(self._path_prefix), self._bin_file, self._bin_size),
+            (index_file_path(self._path_prefix), self._idx_file, self._idx_size),
+        ):
+            now = os.fstat(f.fileno()).st_size
+            if now != opened:
+                raise IndexedDatasetError(
+                    f"{path}: changed while the run was reading it: {opened} bytes when opened, {now} now "
+                    f"({'truncated' if now < opened else 'grown'}). A dataset must not change under a "
+                    "running job: restore it (or re-run tools/preprocess_data.py into a new prefix) and "
+                    "resume from the last checkpoint"
+                )
 
     @property
     def path_prefix(self) -> str:
@@ -315,13 +345,31 @@ class MMapIndexedDataset:
 
     @property
     def num_tokens(self) -> int:
-        return int(self._bin.shape[0])
+        return self._bin_size // self._dtype.itemsize
 
     def __repr__(self) -> str:
         return (
             f"MMapIndexedDataset({self._path_prefix!r}, sequences={len(self)}, "
             f"documents={len(self._doc_indices) - 1}, tokens={self.num_tokens}, dtype={self._dtype.name})"
         )
+
+
+def check_dataset_files(*datasets: object) -> None:
+    """``check_unchanged`` on every :class:`MMapIndexedDataset` under ``datasets`` (GPT datasets hold
+    one as ``indexed_dataset``, blended datasets hold theirs in ``datasets``; ``None`` is skipped)."""
+    seen: set[int] = set()
+    stack = [d for d in datasets if d is not None]
+    while stack:
+        d = stack.pop()
+        if id(d) in seen:
+            continue
+        seen.add(id(d))
+        if isinstance(d, MMapIndexedDataset):
+            d.check_unchanged()
+        elif hasattr(d, "indexed_dataset"):
+            stack.append(d.indexed_dataset)
+        elif hasattr(d, "datasets"):
+            stack.extend(d.datasets)
 
 
 class MMapIndexedDatasetBuilder:

@@ -36,7 +36,7 @@ from megatron_cola.parallel.sizes import (
     check_tensor_parallel_size,
     pad_vocab_size,
 )
-from megatron_cola.parallel.state import DeepSpeedMPU, ParallelState
+from megatron_cola.parallel.state import DeepSpeedMPU, ParallelState, set_default_group_timeout
 from megatron_cola.parallel.transform import apply_tensor_parallel, tp_split_dims
 
 __all__ = [
@@ -67,6 +67,7 @@ __all__ = [
     "reduce_from_tp",
     "reduce_scatter_to_tp_last_dim",
     "scatter_to_tp_last_dim",
+    "set_default_group_timeout",
     "shard_dim",
     "tp_split_dims",
     "vocab_parallel_cross_entropy",

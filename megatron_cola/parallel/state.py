@@ -13,6 +13,7 @@ needs it (``apply_tensor_parallel``, the training loop, DeepSpeed via ``state.mp
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from datetime import timedelta
 
 import torch.distributed as dist
 from torch.distributed import ProcessGroup
@@ -64,11 +65,14 @@ class ParallelState:
         return cls(world_size=1, rank=0, tp_size=1)
 
     @classmethod
-    def from_torch_distributed(cls, tp_size: int, backend: str | None = None) -> ParallelState:
+    def from_torch_distributed(
+        cls, tp_size: int, backend: str | None = None, timeout: timedelta | None = None
+    ) -> ParallelState:
         """Create the TP and DP groups of the initialised default process group.
 
         Collective: every rank must call it, with the same ``tp_size`` (``dist.new_group`` is called for
-        every group on every rank, in the same order).
+        every group on every rank, in the same order). ``timeout`` (``--distributed-timeout-minutes``) is
+        how long a collective of these groups may wait; ``None``: torch's default for the backend.
         """
         if not dist.is_available() or not dist.is_initialized():
             raise RuntimeError(
@@ -80,11 +84,11 @@ class ParallelState:
         check_tensor_parallel_size(tp_size, world_size)
         tp_group = dp_group = None
         for ranks in tensor_parallel_ranks(world_size, tp_size):
-            group = dist.new_group(ranks=ranks, backend=backend)
+            group = dist.new_group(ranks=ranks, backend=backend, timeout=timeout)
             if rank in ranks:
                 tp_group = group
         for ranks in data_parallel_ranks(world_size, tp_size):
-            group = dist.new_group(ranks=ranks, backend=backend)
+            group = dist.new_group(ranks=ranks, backend=backend, timeout=timeout)
             if rank in ranks:
                 dp_group = group
         return cls(world_size=world_size, rank=rank, tp_size=tp_size, tp_group=tp_group, dp_group=dp_group)
@@ -127,6 +131,20 @@ class ParallelState:
             f"ParallelState(rank={self.rank}/{self.world_size}, tp={self.tp_rank}/{self.tp_size}, "
             f"dp={self.dp_rank}/{self.dp_size})"
         )
+
+
+def set_default_group_timeout(timeout: timedelta) -> None:
+    """Make ``timeout`` the default of every process group created from now on without one.
+
+    DeepSpeed creates groups of its own (ZeRO, expert and sequence groups) with ``dist.new_group(ranks)``,
+    which takes torch's per-backend default (30 minutes for gloo, 10 for NCCL), not the default group's
+    timeout. torch reads that default from two module attributes of ``distributed_c10d`` at each call,
+    so setting them is the one place where ``--distributed-timeout-minutes`` reaches DeepSpeed's groups.
+    """
+    from torch.distributed import distributed_c10d
+
+    distributed_c10d.default_pg_timeout = timeout
+    distributed_c10d.default_pg_nccl_timeout = timeout
 
 
 class DeepSpeedMPU:
@@ -193,5 +211,6 @@ __all__ = [
     "DeepSpeedMPU",
     "ParallelState",
     "data_parallel_ranks",
+    "set_default_group_timeout",
     "tensor_parallel_ranks",
 ]

@@ -40,6 +40,7 @@ def build_parser() -> argparse.ArgumentParser:
     _add_run_time_guard_flags(p)
     _add_performance_flags(p)
     _add_wandb_flags(p)
+    _add_hang_and_data_safety_flags(p)
     return p
 
 
@@ -264,6 +265,47 @@ def _check_wandb(v: dict[str, Any]) -> None:
         )
 
 
+# ------------------------------------------------------------------ hangs, stragglers, data safety
+def _add_hang_and_data_safety_flags(p: argparse.ArgumentParser) -> None:
+    """Process-group timeouts, the hang watchdog, the straggler report (``training/watchdog.py``) and the
+    data-change check on resume (``training/checkpointing.py``)."""
+    g = p.add_argument_group("hangs, stragglers and data safety")
+    g.add_argument(
+        "--distributed-timeout-minutes",
+        type=float,
+        default=10.0,
+        help="timeout of every process group (ours and DeepSpeed's): a collective that waits longer fails",
+    )
+    g.add_argument(
+        "--hang-timeout-minutes",
+        type=float,
+        default=None,
+        help="when no step completes for this long, every rank that still runs writes its Python stacks "
+        "to SAVE_DIR/hang-<time>/rank<N>.txt and the job exits non-zero naming the ranks that did not "
+        "report (default: 10x the slowest recent step, at least 5 minutes; 0 turns the watchdog off)",
+    )
+    g.add_argument(
+        "--log-straggler",
+        action="store_true",
+        help="every log interval, print the slowest and fastest rank's step time (one small gather)",
+    )
+    g.add_argument(
+        "--allow-data-change",
+        action="store_true",
+        help="resume although --data-path or --split differ from the checkpoint's (continued pre-training, "
+        "annealing); the change is recorded in the checkpoint's data history",
+    )
+
+
+def _check_hang_and_data_safety_flags(v: dict[str, Any]) -> None:
+    t = v["distributed_timeout_minutes"]
+    if not math.isfinite(t) or t <= 0:
+        raise ArgumentError(f"--distributed-timeout-minutes must be > 0, got {t}")
+    h = v["hang_timeout_minutes"]
+    if h is not None and (not math.isfinite(h) or h < 0):
+        raise ArgumentError(f"--hang-timeout-minutes must be >= 0 (0 turns the watchdog off), got {h}")
+
+
 def world_size_from_env() -> int:
     """The launcher's world size (torchrun/deepspeed, Open MPI, MPICH/Intel MPI, SLURM srun), else 1."""
     for key in ("WORLD_SIZE", "OMPI_COMM_WORLD_SIZE", "PMI_SIZE", "SLURM_NTASKS"):
@@ -322,6 +364,7 @@ def build_train_config(args: argparse.Namespace, world_size: int | None = None) 
     _reconcile_deepspeed_config(v)
     _check_performance_flags(v)
     _check_wandb(v)
+    _check_hang_and_data_safety_flags(v)
     if v["finetune"] and not v["load"]:
         raise ArgumentError("--finetune needs --load DIR")
     _model_args(v, None)  # the model's own checks, before any process-group work

@@ -73,6 +73,82 @@ _RECORDED_FLAGS = sorted(
 )
 
 
+def _data_entry(cfg: TrainConfig, iteration: int, consumed_samples: int) -> dict[str, Any]:
+    return {
+        "iteration": iteration,
+        "consumed_samples": consumed_samples,
+        "data_path": list(cfg.data_path),
+        "split": cfg.split,
+    }
+
+
+def initial_data_history(cfg: TrainConfig) -> list[dict[str, Any]]:
+    """The data history of a run that starts at iteration 0: its ``--data-path`` and ``--split``."""
+    return [_data_entry(cfg, 0, 0)]
+
+
+def _normalized_data_path(data_path: list[str] | tuple[str, ...]) -> list[Any]:
+    """Weights as numbers, prefixes as real paths: ``./c4`` and ``/abs/c4`` are the same corpus."""
+    items = list(data_path)
+    weighted = len(items) > 1
+    out: list[Any] = []
+    for i, item in enumerate(items):
+        if weighted and i % 2 == 0:
+            try:
+                out.append(float(item))
+                continue
+            except ValueError:
+                pass
+        out.append(os.path.realpath(item))
+    return out
+
+
+def resumed_data_history(
+    client_state: dict[str, Any], cfg: TrainConfig, iteration: int, consumed_samples: int
+) -> list[dict[str, Any]]:
+    """The data history a resumed run carries on: the checkpoint's, plus an entry when ``--data-path``
+    or ``--split`` changed (allowed only with ``--allow-data-change``; ``CheckpointError`` otherwise).
+
+    Checkpoints written before the history existed hold only their flags: their history is one entry
+    at iteration 0 with the recorded ``--data-path`` and ``--split``."""
+    saved = client_state.get("args", {})
+    history = client_state.get("data_history")
+    if not history:
+        if "data_path" not in saved:
+            return [_data_entry(cfg, iteration, consumed_samples)]
+        history = [
+            {
+                "iteration": 0,
+                "consumed_samples": 0,
+                "data_path": saved["data_path"],
+                "split": saved.get("split"),
+            }
+        ]
+    last = history[-1]
+    same_path = list(last["data_path"]) == list(cfg.data_path) or _normalized_data_path(
+        last["data_path"]
+    ) == _normalized_data_path(cfg.data_path)
+    same_split = last.get("split") in (None, cfg.split)
+    if same_path and same_split:
+        return [dict(entry) for entry in history]
+    changes = []
+    if not same_path:
+        changes.append(f"--data-path was {' '.join(last['data_path'])}, now {' '.join(cfg.data_path)}")
+    if not same_split:
+        changes.append(f"--split was {last['split']}, now {cfg.split}")
+    if not cfg.allow_data_change:
+        raise CheckpointError(
+            "the data changed since the checkpoint: "
+            + "; ".join(changes)
+            + f". The run would continue at consumed sample {consumed_samples} (iteration {iteration}) of "
+            "another corpus or split. Resume with the checkpoint's --data-path and --split, or pass "
+            "--allow-data-change to do this on purpose (continued pre-training, annealing); the change is "
+            "then recorded in the checkpoint's data history"
+        )
+    print_rank_0(f"> --allow-data-change: from iteration {iteration}: " + "; ".join(changes))
+    return [*(dict(entry) for entry in history), _data_entry(cfg, iteration, consumed_samples)]
+
+
 def recorded_flags(cfg: TrainConfig) -> dict[str, Any]:
     """The flags saved with every checkpoint (plain values: lists, not tuples)."""
     values = cfg.to_dict()
@@ -149,6 +225,7 @@ def save_checkpoint(
     tokenizer_info: dict[str, Any] | None,
     vocab_size: int,
     split_dims: dict[str, int],
+    data_history: list[dict[str, Any]] | None = None,
 ) -> str:
     """Save everything needed to resume exactly, write the manifest, then mark the checkpoint complete in
     ``latest``. Weights that are not finite are never written (``CheckpointError``, ``latest`` unchanged);
@@ -161,6 +238,8 @@ def save_checkpoint(
         "model_args": model_args.to_dict(),
         "world_size": cfg.world_size,
         "zero_stage": cfg.zero_stage,
+        # --data-path/--split of every stretch of the run (resumes with --allow-data-change add one).
+        "data_history": data_history if data_history is not None else initial_data_history(cfg),
     }
     state = gathered_state_dict(engine, cfg.zero_stage, keep=parallel.dp_rank == 0)
     bad = _all_finite(state, parallel)
@@ -240,9 +319,10 @@ def check_compatible(client_state: dict[str, Any], cfg: TrainConfig, model_args:
 
 def load_checkpoint(
     engine: Any, cfg: TrainConfig, model_args: ModelArgs, reader: CheckpointReader
-) -> tuple[int, int]:
+) -> tuple[int, int, list[dict[str, Any]]]:
     """Resume from ``reader``'s checkpoint (chosen and verified by ``select_checkpoint``): returns
-    ``(iteration, consumed_samples)``."""
+    ``(iteration, consumed_samples, data_history)``. A changed ``--data-path``/``--split`` is refused
+    before anything is loaded unless ``--allow-data-change``."""
     if not has_deepspeed_state(reader):
         raise CheckpointError(
             f"{reader.dir} holds no DeepSpeed state (mp_rank_XX_model_states.pt) to resume from; pass "
@@ -256,10 +336,11 @@ def load_checkpoint(
             "(or --finetune to load only the weights into the new layout)"
         )
     check_compatible(meta, cfg, model_args)
+    history = resumed_data_history(meta, cfg, int(meta["iteration"]), int(meta["consumed_samples"]))
     client_state = load_engine_state(engine, reader, load_optimizer_states=not cfg.no_load_optim)
     if not cfg.no_load_rng:
         load_rng_state(reader, _global_rank())
-    return int(client_state["iteration"]), int(client_state["consumed_samples"])
+    return int(client_state["iteration"]), int(client_state["consumed_samples"]), history
 
 
 def select_for_run(cfg: TrainConfig) -> Selection | None:

@@ -9,11 +9,13 @@ and GPU (nccl).
 
 from __future__ import annotations
 
+import faulthandler
 import os
 import socket
 import sys
 import warnings
 from collections.abc import Mapping
+from datetime import timedelta
 from typing import Any
 
 import torch
@@ -98,18 +100,25 @@ def _resolve_device(choice: str) -> torch.device:
     return torch.device("cpu")
 
 
-def _init_distributed(device: torch.device) -> bool:
+def _init_distributed(device: torch.device, timeout_minutes: float = 10.0) -> bool:
     """Initialise the default process group; returns whether we did (and so must destroy it).
 
     First makes DeepSpeed's accelerator follow ``device`` (before DeepSpeed is imported), so that
-    ``--device cpu`` on a machine with a GPU keeps the module on the CPU with its batches."""
+    ``--device cpu`` on a machine with a GPU keeps the module on the CPU with its batches.
+    ``--distributed-timeout-minutes`` becomes the timeout of the default group and the default of every
+    group created later (ours in ``ParallelState``, DeepSpeed's own)."""
+    from megatron_cola.parallel import set_default_group_timeout
+
     use_deepspeed_accelerator(device)
+    timeout = timedelta(minutes=timeout_minutes)
+    set_default_group_timeout(timeout)
     if dist.is_initialized():
         return False
     import deepspeed
 
     _prepare_launch_env()
-    deepspeed.init_distributed(dist_backend="nccl" if device.type == "cuda" else "gloo", verbose=False)
+    backend = "nccl" if device.type == "cuda" else "gloo"
+    deepspeed.init_distributed(dist_backend=backend, verbose=False, timeout=timeout)
     return True
 
 
@@ -138,7 +147,7 @@ def pretrain(argv: list[str] | None = None) -> dict[str, Any]:
     _prepare_launch_env()  # LOCAL_RANK etc. for srun / single process, before picking the GPU
     device = _resolve_device(cfg.device)
 
-    created_pg = _init_distributed(device)
+    created_pg = _init_distributed(device, cfg.distributed_timeout_minutes)
     try:
         return Trainer(cfg, model_args, tokenizer, device).run()
     finally:
@@ -150,6 +159,10 @@ def pretrain(argv: list[str] | None = None) -> dict[str, Any]:
 def main(argv: list[str] | None = None) -> int:
     # DeepSpeed 0.19 still calls a c10d API that torch 2.13 marks deprecated, once per step.
     warnings.filterwarnings("ignore", message=".*all_gather_into_tensor.*", category=FutureWarning)
+    # A fatal signal (SIGSEGV, SIGBUS from a memory-mapped file that shrank, SIGABRT) prints every
+    # thread's Python stack to stderr before the rank dies, instead of nothing.
+    if not faulthandler.is_enabled():
+        faulthandler.enable(all_threads=True)
     try:
         pretrain(argv)
     except MegatronColaError as e:

@@ -102,6 +102,15 @@ class TrainConfig:
     wandb_project: str | None
     wandb_exp_name: str | None
     wandb_save_dir: str | None
+    # hangs, stragglers and data safety (training/watchdog.py, training/checkpointing.py)
+    distributed_timeout_minutes: float
+    """Timeout of every process group (``--distributed-timeout-minutes``)."""
+    hang_timeout_minutes: float | None
+    """No step for this long: stacks and exit (``None``: from the step time; 0: off)."""
+    log_straggler: bool
+    """Slowest and fastest rank's step time at each log line."""
+    allow_data_change: bool
+    """Resume although ``--data-path``/``--split`` changed (recorded in the data history)."""
     # derived
     world_size: int
     """Processes in the job (from the launcher's environment)."""

@@ -9,10 +9,12 @@ is printed, an evaluation runs or a checkpoint is written.
 
 from __future__ import annotations
 
+import contextlib
 import math
 import os
 import random
 import time
+from datetime import timedelta
 from typing import Any
 
 import numpy as np
@@ -21,6 +23,7 @@ import torch.distributed as dist
 
 from megatron_cola.checkpoint.weights import adopt_architecture, load_weights_only
 from megatron_cola.config import ModelArgs
+from megatron_cola.data import check_dataset_files
 from megatron_cola.data.tokenizers import AbstractTokenizer
 from megatron_cola.errors import ConfigError
 from megatron_cola.model.flops import training_flops_per_token
@@ -41,6 +44,7 @@ from megatron_cola.training.logging_utils import (
 )
 from megatron_cola.training.step_log import StepLog
 from megatron_cola.training.train_config import TrainConfig
+from megatron_cola.training.watchdog import Watchdog, gather_peers, straggler_line
 
 
 class Trainer:
@@ -59,13 +63,18 @@ class Trainer:
         self.loss_window: list[float] = []  # data-parallel mean losses of the steps since the last line
         self.start_time = time.time()  # for --exit-duration-in-mins
         self.signals: ExitSignalHandler | None = None
+        self.watchdog: Watchdog | None = None
+        self.data_history = checkpointing.initial_data_history(cfg)  # --data-path/--split per stretch
 
     # ------------------------------------------------------------------------------------------ setup
     def setup(self) -> None:
         cfg = self.cfg
         if dist.get_world_size() != cfg.world_size:
             raise ConfigError(f"launcher world size {dist.get_world_size()} != expected {cfg.world_size}")
-        self.parallel = ParallelState.from_torch_distributed(cfg.tensor_model_parallel_size)
+        self.parallel = ParallelState.from_torch_distributed(
+            cfg.tensor_model_parallel_size, timeout=timedelta(minutes=cfg.distributed_timeout_minutes)
+        )
+        self._start_watchdog()
         random.seed(cfg.seed)
         np.random.seed(cfg.seed)
         torch.manual_seed(cfg.seed)
@@ -82,6 +91,24 @@ class Trainer:
         self.train_iter = None
         if self.iteration < cfg.train_iters:
             self.train_iter = iter(make_loader(cfg, self.train_ds, self.consumed_samples, self.parallel))
+
+    def _start_watchdog(self) -> None:
+        """The hang watchdog (``training/watchdog.py``): one gather of hosts and pids, then a thread."""
+        cfg = self.cfg
+        peers, run_id = gather_peers(self.start_time)
+        self.watchdog = Watchdog(
+            dist.get_rank(),
+            peers,
+            run_id,
+            cfg.save,
+            cfg.hang_timeout_minutes,
+            cfg.distributed_timeout_minutes,
+        )
+        self.watchdog.start()
+
+    def _long_phase(self, name: str) -> Any:
+        """A save or an evaluation, for the watchdog's timeout."""
+        return self.watchdog.long_phase(name) if self.watchdog is not None else contextlib.nullcontext()
 
     def _banner(self) -> str:
         cfg, p = self.cfg, self.parallel
@@ -119,7 +146,7 @@ class Trainer:
         self.optimizer_name = optimizer_name(self.scheduler.optimizer)  # the one that runs (not DS's wrapper)
         self.history["optimizer"] = self.optimizer_name
         if reader is not None and not weights_only:
-            self.iteration, self.consumed_samples = checkpointing.load_checkpoint(
+            self.iteration, self.consumed_samples, self.data_history = checkpointing.load_checkpoint(
                 self.engine, cfg, self.model_args, reader
             )
             print_rank_0(f"> resumed from {reader.dir} at iteration {self.iteration}")
@@ -162,6 +189,8 @@ class Trainer:
             self.engine.get_global_grad_norm(),
             skipped=skipped,
         )
+        if self.watchdog is not None:
+            self.watchdog.beat(self.iteration)
 
     def _flush_steps(self) -> None:
         logged = self.step_log.flush()
@@ -187,7 +216,8 @@ class Trainer:
 
     def _evaluate_and_log(self, name: str, dataset: Any) -> float:
         self._flush_steps()
-        loss = self.evaluate(dataset)
+        with self._long_phase(f"{name} evaluation"):
+            loss = self.evaluate(dataset)
         ppl = math.exp(min(loss, 20.0))
         line = (
             f" {name} loss at iteration {self.iteration} | lm loss value: {loss:.6E} | "
@@ -204,6 +234,8 @@ class Trainer:
         """Write a checkpoint of the current iteration into ``--save``."""
         self._flush_steps()
         tokenizer_model = os.path.abspath(self.cfg.tokenizer_model) if self.cfg.tokenizer_model else None
+        if self.watchdog is not None:  # a save is a long phase for the hang watchdog (ended on return)
+            self.watchdog.enter_phase(f"saving iteration {self.iteration}")
         path = checkpointing.save_checkpoint(
             self.engine,
             self.cfg,
@@ -218,7 +250,10 @@ class Trainer:
             },
             vocab_size=self.tokenizer.vocab_size,
             split_dims=self.split_dims,
+            data_history=self.data_history,
         )
+        if self.watchdog is not None:
+            self.watchdog.leave_phase()
         print_rank_0(f"> saved checkpoint {path}")
         return path
 
@@ -231,6 +266,8 @@ class Trainer:
             self.setup()
             self._loop()
         finally:
+            if self.watchdog is not None:
+                self.watchdog.stop()
             if self.signals is not None:
                 self.signals.restore()
         self._flush_steps()
@@ -252,6 +289,8 @@ class Trainer:
             if it % cfg.log_interval == 0 or it == cfg.train_iters:
                 self._flush_steps()
                 meter.log(self)
+                # A .bin/.idx truncated or rewritten under the run: a DataError naming it (two fstat each).
+                check_dataset_files(self.train_ds, self.valid_ds, self.test_ds)
             if self.valid_ds is not None and cfg.eval_iters > 0 and it % cfg.eval_interval == 0:
                 with meter.timer.paused():  # evaluation is not training time
                     self.history["valid"].append((it, self._evaluate_and_log("validation", self.valid_ds)))
@@ -340,5 +379,9 @@ class _Throughput:
             "skipped_iterations": trainer.guard.take_window_skips(),
         }
         print_rank_0(format_train_line(metrics))
+        if cfg.log_straggler:
+            line = straggler_line(step_time, self.device)
+            if line is not None:
+                print_rank_0(line)
         trainer.writer.write("throughput", {k: v for k, v in metrics.items() if k != "train_iters"})
         trainer.loss_window = []
