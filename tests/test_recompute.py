@@ -107,3 +107,27 @@ def test_cola_m_does_not_recompute_a_gemms(grouped: bool) -> None:
     # gate, up (the product); never an A GEMM.
     assert full - none == (10 if grouped else 13)
     assert colam - none == 5
+
+
+def test_cola_m_recomputation_may_run_extra_ops() -> None:
+    """ZeRO-3 gathers a parameter inside a region whenever it finds it released, so a recomputation can
+    run ops its forward did not; CoLA-M only needs the kept ops to line up (torch's stock selective
+    checkpoint raises "not found in storage" here)."""
+    args = ModelArgs.from_size("debug", vocab_size=300, num_layers=1)
+    ref_loss, ref_grads = loss_and_grads(args)
+    model = CoLALlama(args.replace(recompute="cola-m"), seed=3)
+    seen = []
+
+    def gather_when_released(module: torch.nn.Module, inputs: tuple) -> None:
+        if seen:  # the recomputation "gathers" (outside autograd, GEMMs and copies forward did not run)
+            with torch.no_grad():
+                w = module.o_proj.weight_a
+                torch.mm(w, w.T).clone()
+        seen.append(True)
+
+    model.layers[0].self_attn.register_forward_pre_hook(gather_when_released)
+    tokens = torch.randint(0, args.vocab_size, (2, 24), generator=torch.Generator().manual_seed(0))
+    loss = model(tokens, torch.roll(tokens, -1, dims=1))
+    loss.backward()
+    assert len(seen) == 2
+    assert_same(loss.detach(), {n: p.grad for n, p in model.named_parameters()}, ref_loss, ref_grads)

@@ -16,23 +16,33 @@ kept op's output comes from the checkpoint's cache: its GEMM is not redone, and 
 needs only input and weight) is unchanged. Backward thus redoes only the B projections, attention and
 the elementwise work.
 
-Eagerly the checkpoint applies the policy op by op (a dispatch mode); under ``torch.compile`` the
-policy tags the traced graph and the partitioner saves exactly the kept ops' outputs, so a compiled
-block is one graph with no breaks. Nothing here holds state between calls but the opt-in recorder of
-``record_kept_tensors`` (for measuring what CoLA-M keeps).
+Eagerly the checkpoint applies the policy op by op (two dispatch modes: one caches in forward, one
+replays in recomputation); under ``torch.compile`` the policy tags the traced graph and the partitioner
+saves exactly the kept ops' outputs, so a compiled block is one graph with no breaks. The eager modes
+are torch's, narrowed to the kept ops: torch's would also count every other op and fail when the
+recomputation runs one more often than the forward did, which ZeRO-3's parameter gathering inside the
+region does (it gathers what forward found already gathered); kept ops are matched by call order, so
+collectives and gathering inside the region are indifferent. Nothing here holds state between calls
+but the opt-in recorder of ``record_kept_tensors`` (for measuring what CoLA-M keeps).
 """
 
 from __future__ import annotations
 
 import contextlib
 import contextvars
-import functools
+from collections import defaultdict
 from collections.abc import Callable, Iterator, Sequence
 from typing import Any
 
 import torch
 import torch.nn.functional as F
-from torch.utils.checkpoint import CheckpointPolicy, checkpoint, create_selective_checkpoint_contexts
+from torch.utils.checkpoint import (
+    CheckpointPolicy,
+    _CachedTorchDispatchMode,
+    _CachingTorchDispatchMode,
+    _is_compiling,
+    checkpoint,
+)
 
 from megatron_cola.config import RECOMPUTE_CHOICES
 
@@ -138,7 +148,34 @@ def _cola_m_policy(ctx: Any, op: Any, *args: Any, **kwargs: Any) -> CheckpointPo
     return CheckpointPolicy.MUST_SAVE
 
 
-_COLA_M_CONTEXTS = functools.partial(create_selective_checkpoint_contexts, _cola_m_policy)
+class _CacheKeptOps(_CachingTorchDispatchMode):
+    """Forward of a CoLA-M region: torch's selective-checkpoint caching, for the kept ops only (every op
+    while compiling, where it tags the graph)."""
+
+    def __torch_dispatch__(self, func: Any, types: Any, args: Any = (), kwargs: Any = None) -> Any:
+        if func not in _KEPT_OPS and not _is_compiling(func, args, kwargs):
+            return func(*args, **(kwargs or {}))
+        return super().__torch_dispatch__(func, types, args, kwargs)
+
+
+class _ReplayKeptOps(_CachedTorchDispatchMode):
+    """Recomputation of a CoLA-M region: kept ops are served from the cache, every other op runs."""
+
+    def __torch_dispatch__(self, func: Any, types: Any, args: Any = (), kwargs: Any = None) -> Any:
+        if func not in _KEPT_OPS and not _is_compiling(func, args, kwargs):
+            return func(*args, **(kwargs or {}))
+        return super().__torch_dispatch__(func, types, args, kwargs)
+
+
+def _cola_m_contexts() -> tuple[_CacheKeptOps, _ReplayKeptOps]:
+    """The checkpoint's ``context_fn`` for CoLA-M (``create_selective_checkpoint_contexts`` with
+    ``_cola_m_policy``, narrowed to the kept ops)."""
+    storage: dict[Any, dict[int, Any]] = defaultdict(dict)
+    return _CacheKeptOps(_cola_m_policy, storage), _ReplayKeptOps(None, storage)
+
+
+# Lets torch.compile's AOTAutograd cache graphs holding CoLA-M regions (bump when the policy changes).
+_cola_m_contexts.cache_hash = "megatron_cola.cola_m_contexts.v1"  # type: ignore[attr-defined]
 
 
 @contextlib.contextmanager
@@ -168,7 +205,7 @@ def run_with_recompute(mode: str, fn: Callable[..., torch.Tensor], *args: Any) -
         return fn(*args)
     if mode == "full":
         return checkpoint(fn, *args, use_reentrant=False)
-    return checkpoint(fn, *args, use_reentrant=False, context_fn=_COLA_M_CONTEXTS)
+    return checkpoint(fn, *args, use_reentrant=False, context_fn=_cola_m_contexts)
 
 
 __all__ = [
