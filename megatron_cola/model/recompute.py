@@ -6,24 +6,24 @@ everything else in backward, without redoing the A GEMMs.
 
 How: PyTorch's selective activation checkpointing. Each half-block runs under a non-reentrant
 ``torch.utils.checkpoint`` (which stores only the region's inputs and re-runs the region in backward to
-rebuild what backward needs) whose ``context_fn`` is ``create_selective_checkpoint_contexts`` with one
-policy: the output of every *kept op* is saved (``MUST_SAVE``), everything else is recomputed
-(``PREFER_RECOMPUTE``). The kept ops are the A projections of layers built for CoLA-M (``keep=True``):
-``megatron_cola::kept_linear`` (``torch.library.custom_op``: ``F.linear`` with the usual linear
-backward) and any op registered with ``register_kept_op`` (tensor parallelism registers its A projection
-fused with the reduce-scatter that follows it). When the checkpoint re-runs a region in backward, the
-kept op's output comes from the checkpoint's cache: its GEMM is not redone, and its backward (which
-needs only input and weight) is unchanged. Backward thus redoes only the B projections, attention and
-the elementwise work.
+rebuild what backward needs) whose ``context_fn`` applies one policy: the output of every *kept op* is
+saved (``MUST_SAVE``), everything else is recomputed (``PREFER_RECOMPUTE``). The kept ops are the A
+projections of layers built for CoLA-M (``keep=True``): ``megatron_cola::kept_linear``
+(``torch.library.custom_op``: ``F.linear`` with the usual linear backward) and any op registered with
+``register_kept_op`` (tensor parallelism registers its A projection fused with the reduce-scatter that
+follows it). When the checkpoint re-runs a region in backward, the kept op's output comes from the
+checkpoint's cache: its GEMM is not redone, and its backward (which needs only input and weight) is
+unchanged. Backward thus redoes only the B projections, attention and the elementwise work.
 
 Eagerly the checkpoint applies the policy op by op (two dispatch modes: one caches in forward, one
 replays in recomputation); under ``torch.compile`` the policy tags the traced graph and the partitioner
-saves exactly the kept ops' outputs, so a compiled block is one graph with no breaks. The eager modes
-are torch's, narrowed to the kept ops: torch's would also count every other op and fail when the
+saves exactly the kept ops' outputs, so a compiled block is one graph with no breaks. The modes are
+torch's (what ``create_selective_checkpoint_contexts`` returns; private classes of the pinned torch),
+narrowed to the kept ops when eager: torch's would also count every other op and fail when the
 recomputation runs one more often than the forward did, which ZeRO-3's parameter gathering inside the
-region does (it gathers what forward found already gathered); kept ops are matched by call order, so
-collectives and gathering inside the region are indifferent. Nothing here holds state between calls
-but the opt-in recorder of ``record_kept_tensors`` (for measuring what CoLA-M keeps).
+region does (it gathers what forward found already gathered). Kept ops are matched by call order, so
+collectives and gathering inside the region are indifferent. Nothing here changes between calls but the
+opt-in recorder of ``record_kept_tensors`` (for measuring what CoLA-M keeps).
 """
 
 from __future__ import annotations
