@@ -43,11 +43,10 @@ def train_losses(args: ModelArgs, compiled: bool, steps: int = 20) -> list[float
     [
         {"recompute": "none"},
         {"recompute": "full"},
-        {"recompute": "cola-m"},
         {"recompute": "cola-m", "grouped_projections": True},
         {"full_rank": True, "grouped_projections": True},
     ],
-    ids=["none", "full", "cola-m", "cola-m-grouped", "full-rank-grouped"],
+    ids=["none", "full", "cola-m-grouped", "full-rank-grouped"],
 )
 def test_compiled_training_follows_eager(overrides: dict) -> None:
     args = tiny(**overrides)
