@@ -1,5 +1,5 @@
-"""Grouped projections (q/k/v and gate/up as one GEMM) equal the plain path bitwise in fp32, and the
-weights of a model are drawn once."""
+"""Grouped projections (q/k/v and gate/up as one GEMM) agree with the plain path to 1e-5 relative in fp32,
+and the weights of a model are drawn once."""
 
 from __future__ import annotations
 
@@ -10,6 +10,7 @@ from torch.utils._python_dispatch import TorchDispatchMode
 from megatron_cola.config import ModelArgs
 from megatron_cola.model import CoLALlama
 from megatron_cola.model.activation_memory import measure_saved_activations
+from megatron_cola.model.recompute import grouped_linear
 
 
 def run(args: ModelArgs, seed: int = 3) -> tuple[torch.Tensor, torch.Tensor, dict[str, torch.Tensor]]:
@@ -22,9 +23,19 @@ def run(args: ModelArgs, seed: int = 3) -> tuple[torch.Tensor, torch.Tensor, dic
     return logits.detach(), loss.detach(), {n: p.grad.clone() for n, p in model.named_parameters()}
 
 
+REL_TOL = 1e-5
+"""fp32 tolerance of grouped vs plain: every entry within ``REL_TOL`` times the tensor's largest entry
+(grouping changes the order of the input gradient's sums, not the math; an entry-wise relative bound
+would be meaningless on entries that cancel to ~0)."""
+
+
+def assert_close_rel(actual: torch.Tensor, expected: torch.Tensor, msg: str = "") -> None:
+    torch.testing.assert_close(actual, expected, rtol=0, atol=REL_TOL * expected.abs().max().item(), msg=msg)
+
+
 @pytest.mark.parametrize("full_rank", [False, True])
 @pytest.mark.parametrize("recompute", ["none", "full", "cola-m"])
-def test_grouped_equals_plain_bitwise(full_rank: bool, recompute: str) -> None:
+def test_grouped_agrees_with_plain(full_rank: bool, recompute: str) -> None:
     if full_rank and recompute == "cola-m":
         pytest.skip("cola-m needs a CoLA model")
     args = ModelArgs.from_size(
@@ -32,21 +43,42 @@ def test_grouped_equals_plain_bitwise(full_rank: bool, recompute: str) -> None:
     )
     ref_logits, ref_loss, ref_grads = run(args)
     logits, loss, grads = run(args.replace(grouped_projections=True))
-    assert torch.equal(logits, ref_logits)
-    assert torch.equal(loss, ref_loss)
+    assert_close_rel(logits, ref_logits, "logits")
+    assert_close_rel(loss, ref_loss, "loss")
     assert grads.keys() == ref_grads.keys()
     for name in ref_grads:
-        assert torch.equal(grads[name], ref_grads[name]), name
+        assert_close_rel(grads[name], ref_grads[name], name)
 
 
-def test_grouped_under_bf16_autocast_close() -> None:
+def test_grouped_input_gradient_is_one_gemm() -> None:
+    """Backward of a grouped projection runs one GEMM for the input gradient and one for the weight
+    gradients (no per-member GEMMs), and reads the concatenated weight saved in forward."""
+    x = torch.randn(2, 5, 16, requires_grad=True)
+    weights = [torch.randn(n, 16, requires_grad=True) for n in (3, 4, 5)]
+    out = grouped_linear(x, weights)
+    counter = CountOps((torch.ops.aten.mm.default, torch.ops.aten.cat.default))
+    with counter:
+        out.backward(torch.randn_like(out))
+    assert counter.n == 2  # grad_x = g @ [W1; W2; W3], grad_W = g^T x; no cat in backward
+    plain = torch.cat([x @ w.T for w in weights], dim=-1)
+    assert_close_rel(out, plain.detach(), "out")
+
+
+def test_grouped_under_bf16_autocast_as_accurate_as_plain() -> None:
+    """Under bf16 autocast grouped and plain round differently (one bf16 rounding of the summed input
+    gradient instead of one per member); measured against the fp32 run, grouping costs no accuracy."""
     args = ModelArgs.from_size("debug", vocab_size=300, num_layers=2)
+    _, exact_loss, exact = run(args)
     with torch.autocast("cpu", dtype=torch.bfloat16):
         _, ref_loss, ref_grads = run(args)
         _, loss, grads = run(args.replace(grouped_projections=True))
     torch.testing.assert_close(loss, ref_loss)
+
+    def err(g: torch.Tensor, name: str) -> float:
+        return ((g - exact[name]).norm() / exact[name].norm()).item()
+
     for name in ref_grads:
-        torch.testing.assert_close(grads[name], ref_grads[name], msg=name)
+        assert err(grads[name], name) <= 1.25 * err(ref_grads[name], name) + 1e-4, name
 
 
 class CountOps(TorchDispatchMode):

@@ -364,8 +364,14 @@ def check_deepspeed_grad_norm(state: ParallelState) -> None:
     torch.testing.assert_close(norm.reshape(()), ref_norm)
 
 
-def check_grouped_projections_bitwise(state: ParallelState) -> None:
-    """Per rank, grouping the local q/k/v (gate/up) slices into one GEMM changes no bit (fp32)."""
+def check_grouped_projections_agree(state: ParallelState) -> None:
+    """Per rank, grouping the local q/k/v (gate/up) slices into one GEMM agrees with the plain path to
+    1e-5 relative in fp32 (every entry within 1e-5 of its tensor's largest; tests/test_grouped.py)."""
+
+    def close(actual: torch.Tensor, expected: torch.Tensor, what: object) -> None:
+        atol = 1e-5 * expected.abs().max().item()
+        torch.testing.assert_close(actual, expected, rtol=0, atol=atol, msg=str(what))
+
     tokens, labels = batch(0)
     for args in (debug_args(), debug_args(recompute="cola-m"), debug_args(full_rank=True)):
         results = []
@@ -376,9 +382,10 @@ def check_grouped_projections_bitwise(state: ParallelState) -> None:
             loss.backward()
             results.append((logits, loss, {n: p.grad for n, p in model.named_parameters()}))
         (ref_logits, ref_loss, ref_grads), (logits, loss, grads) = results
-        assert torch.equal(logits, ref_logits) and torch.equal(loss, ref_loss), args
+        close(logits, ref_logits, ("logits", args.recompute, args.full_rank))
+        close(loss, ref_loss, ("loss", args.recompute, args.full_rank))
         for name in ref_grads:
-            assert torch.equal(grads[name], ref_grads[name]), (name, args.recompute, args.full_rank)
+            close(grads[name], ref_grads[name], (name, args.recompute, args.full_rank))
 
 
 def check_compiled_blocks(state: ParallelState) -> None:
@@ -417,7 +424,7 @@ TP2_CHECKS: dict[str, Callable[[ParallelState], None]] = {
         check_cola_m_keeps_rank_slices,
         check_bf16_autocast_runs,
         check_deepspeed_grad_norm,
-        check_grouped_projections_bitwise,
+        check_grouped_projections_agree,
         check_compiled_blocks,
     )
 }

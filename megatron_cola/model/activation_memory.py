@@ -1,9 +1,14 @@
 """Measure the activation memory a decoder layer keeps for backward.
 
 Runs one ``DecoderLayer`` of the real shapes on a short sequence and counts every tensor autograd saves
-(``torch.autograd.graph.saved_tensors_hooks``) plus the tensors CoLA-M's checkpoint cache keeps. Tensors
-sharing a storage are counted once, parameters and the RoPE tables not at all. The result is per token,
-so it does not depend on the sequence used to measure it (attention's per-head statistics aside).
+(``torch.autograd.graph.saved_tensors_hooks``) plus the tensors CoLA-M's checkpoint cache keeps (the
+outputs its selective-checkpoint policy saves, ``record_kept_tensors``). Tensors sharing a storage are
+counted once, parameters and the RoPE tables not at all. The result is per token, so it does not depend
+on the sequence used to measure it (attention's per-head statistics aside).
+
+``compiled=True`` measures the block as ``compile_blocks`` runs it: the compiled graph saves its
+tensors through autograd as well (the partitioner's choice, which CoLA-M's policy steers); the CPU RNG
+state a compiled checkpoint saves (a few KiB per block, not per token) is left out.
 """
 
 from __future__ import annotations
@@ -26,9 +31,14 @@ class SavedActivations:
 
 
 def measure_saved_activations(
-    args: ModelArgs, recompute: str, seq_length: int = 64, dtype: torch.dtype = torch.bfloat16
+    args: ModelArgs,
+    recompute: str,
+    seq_length: int = 64,
+    dtype: torch.dtype = torch.bfloat16,
+    compiled: bool = False,
 ) -> SavedActivations:
-    """Elements and bytes one layer keeps for backward per token, with recomputation ``recompute``."""
+    """Elements and bytes one layer keeps for backward per token, with recomputation ``recompute``
+    (eager, or compiled by ``torch.compile`` when ``compiled``)."""
     args = args.replace(recompute=recompute)
     with torch.device("meta"):
         layer = DecoderLayer(args)
@@ -41,11 +51,17 @@ def measure_saved_activations(
     cos, sin = rope_cos_sin(seq_length, args.head_dim, args.rope_theta, torch.device("cpu"), dtype)
     skip |= {cos.untyped_storage().data_ptr(), sin.untyped_storage().data_ptr()}
     x = torch.randn(1, seq_length, args.hidden_size, dtype=dtype, requires_grad=True)
+    if compiled:
+        layer.compile()
+        layer(x, cos, sin).sum().backward()  # compile outside the measurement
+    rng_state_bytes = torch.get_rng_state().numel()
 
     storages: dict[int, tuple[int, int]] = {}
 
     def note(t: torch.Tensor) -> None:
         st = t.untyped_storage()
+        if compiled and t.dtype == torch.uint8 and t.dim() == 1 and t.numel() == rng_state_bytes:
+            return  # the compiled checkpoint's copy of the RNG state
         if st.data_ptr() not in skip:
             storages[st.data_ptr()] = (st.nbytes() // t.element_size(), st.nbytes())
 

@@ -4,17 +4,13 @@ Compiling each block, not the whole model, keeps compile time flat in depth and 
 (and the embedding, head and loss) outside the graphs. ``nn.Module.compile`` compiles in place, so
 parameter names, ``state_dict`` keys, checkpoints and the sharding plan are unchanged.
 
-Per recomputation mode:
-
-- ``none`` and ``full``: the whole block is compiled (``full``'s checkpoint is traced as a checkpointed
-  region, which the compiler recomputes in backward).
-- ``cola-m``: the checkpoint and its kept-output bookkeeping must run eagerly (the kept A outputs are
-  replayed by call order in the recomputation), so the attention and the MLP *inside* each checkpointed
-  half-block are compiled instead; each kept A projection is a clean graph break
-  (``torch.compiler.disable``), so its output is kept and replayed exactly as in eager mode.
+Every recomputation mode compiles the whole block into one graph: ``full``'s checkpoint is traced as a
+checkpointed region, which the compiler recomputes in backward; ``cola-m``'s two checkpointed
+half-blocks carry their selective-checkpoint policy into the graph (``model.recompute``), so the
+partitioner saves the kept A outputs and recomputes everything else, with no A GEMM in backward.
 
 Under tensor parallelism the collectives (autograd functions around ``torch.distributed`` calls) are
-graph breaks too; ``graph_breaks`` reports how many there are.
+graph breaks; ``graph_breaks`` reports how many there are.
 """
 
 from __future__ import annotations
@@ -23,16 +19,8 @@ from dataclasses import dataclass
 from typing import Any
 
 import torch
-from torch import nn
 
 from megatron_cola.model.transformer import CoLALlama, DecoderLayer
-
-
-def _compile_targets(layer: DecoderLayer) -> list[nn.Module]:
-    if layer.recompute == "cola-m":
-        return [layer.self_attn, layer.mlp]
-    return [layer]
-
 
 #: ``torch.compile`` modes ``--compile-mode`` offers. ``reduce-overhead`` adds CUDA graphs (a caller
 #: marks each training step with ``torch.compiler.cudagraph_mark_step_begin``); ``default`` is Inductor
@@ -50,8 +38,7 @@ def compile_blocks(model: CoLALlama, mode: str | None = None, **compile_kwargs: 
     if mode not in (None, "default"):
         compile_kwargs["mode"] = mode
     for layer in model.layers:
-        for module in _compile_targets(layer):
-            module.compile(**compile_kwargs)
+        layer.compile(**compile_kwargs)
     return model
 
 
@@ -63,21 +50,11 @@ class GraphBreaks:
 
 
 def graph_breaks(layer: DecoderLayer, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> GraphBreaks:
-    """Graphs and graph breaks dynamo makes of one block's forward (``torch._dynamo.explain``), counted
-    over the modules ``compile_blocks`` compiles for it."""
-    graphs = breaks = 0
-    reasons: list[str] = []
-    if layer.recompute == "cola-m":
-        h = layer.input_layernorm(x)
-        calls = [(layer.self_attn, (h, cos, sin)), (layer.mlp, (layer.post_attention_layernorm(x),))]
-    else:
-        calls = [(layer, (x, cos, sin))]
-    for module, args in calls:
-        out = torch._dynamo.explain(module)(*args)
-        graphs += out.graph_count
-        breaks += out.graph_break_count
-        reasons += [str(r.reason).splitlines()[0] for r in out.break_reasons]
-    return GraphBreaks(graphs, breaks, reasons)
+    """Graphs and graph breaks dynamo makes of one block's forward (``torch._dynamo.explain``), the
+    module ``compile_blocks`` compiles."""
+    out = torch._dynamo.explain(layer)(x, cos, sin)
+    reasons = [str(r.reason).splitlines()[0] for r in out.break_reasons]
+    return GraphBreaks(out.graph_count, out.graph_break_count, reasons)
 
 
 __all__ = ["COMPILE_MODES", "GraphBreaks", "compile_blocks", "graph_breaks"]

@@ -82,7 +82,7 @@ def block_comm_volume(
     # checkpointed region: nothing saved inside the region needs its output, and torch's non-reentrant
     # checkpoint stops recomputing once every saved tensor is back (early stop). ``full`` has one region
     # per block; ``cola-m`` one per half-block, and it replays each A projection's kept output, which
-    # for o / down already includes the reduce-scatter (``rank_projection``'s ``post``): only the
+    # for o / down already includes the reduce-scatter (one kept op): only the
     # all-gathers of the rank-r activations (and, naive / dense, the all-reduces feeding the attention
     # or SwiGLU) are redone.
     if recompute == "full":

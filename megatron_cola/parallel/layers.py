@@ -12,11 +12,12 @@ consumers are sharded) and the gradient of ``x`` is all-reduced where the region
 sums of the rank-r pre-activation, reduce-scattered onto the rank slices; σ local; ``B`` split over r
 (columns, ``(d_out, r/t)``) gives partial sums of the output, all-reduced.
 
-Both run A through ``megatron_cola.model.recompute.rank_projection``, so CoLA-M keeps the r/t slice of
-every A output (for o / down the reduce-scatter is the kept projection's ``post`` step and is not re-run
-in recomputation; the all-gathers of q/k/v/gate/up are). ``ColumnParallelCoLA.from_activated`` is the part
-after σ, so q/k/v (gate/up) can group their local A slices into one GEMM
-(``megatron_cola.model.cola_linear.project_shared_input``).
+Under CoLA-M both keep the r/t slice of every A output (a kept op of ``megatron_cola.model.recompute``):
+q/k/v/gate/up through ``rank_projection(..., keep=True)``; o / down through
+``megatron_cola::kept_linear_reduce_scatter``, the A GEMM and the reduce-scatter after it as one op, so
+the reduce-scatter is not re-run in recomputation (the all-gathers of q/k/v/gate/up are).
+``ColumnParallelCoLA.from_activated`` is the part after σ, so q/k/v (gate/up) can group their local A
+slices into one GEMM (``megatron_cola.model.cola_linear.project_shared_input``).
 
 ``ColumnParallelLinear`` / ``RowParallelLinear``: Megatron's dense scheme for the full-rank model and
 the LM head. ``VocabParallelEmbedding``: rows split, masked lookup, all-reduce.
@@ -31,7 +32,7 @@ shard's.
 
 from __future__ import annotations
 
-import functools
+from typing import Any
 
 import torch
 import torch.nn.functional as F
@@ -39,7 +40,13 @@ from torch import nn
 from torch.distributed import ProcessGroup
 
 from megatron_cola.model.cola_linear import CoLALinear, cola_init_std, get_activation
-from megatron_cola.model.recompute import rank_projection
+from megatron_cola.model.recompute import (
+    A_GEMM_RANGE,
+    autocast_inputs,
+    linear_grads,
+    rank_projection,
+    register_kept_op,
+)
 from megatron_cola.model.sharding import ShardSpec
 from megatron_cola.parallel.mappings import (
     all_gather_last_dim,
@@ -56,6 +63,55 @@ def _divide(n: int, t: int, what: str) -> int:
     if n % t:
         raise ValueError(f"{what} {n} is not divisible by tensor-model-parallel size {t}")
     return n // t
+
+
+def _group_by_name(name: str) -> ProcessGroup:
+    return torch.distributed.distributed_c10d._resolve_process_group(name)
+
+
+@torch.library.custom_op("megatron_cola::kept_linear_reduce_scatter", mutates_args=())
+def _kept_linear_reduce_scatter(
+    x: torch.Tensor, weight: torch.Tensor, group_name: str, tp_size: int
+) -> torch.Tensor:
+    """``reduce_scatter_last_dim(F.linear(x, weight))``: a row-parallel A and the reduce-scatter of its
+    partial sums, one op kept by CoLA-M (``register_kept_op``)."""
+    with torch.profiler.record_function(A_GEMM_RANGE):
+        partial = F.linear(x, weight)  # (..., r): partial sum over the input shards
+    return reduce_scatter_last_dim_raw(partial, _group_by_name(group_name), "forward")  # (..., r/t)
+
+
+@_kept_linear_reduce_scatter.register_fake
+def _(x: torch.Tensor, weight: torch.Tensor, group_name: str, tp_size: int) -> torch.Tensor:
+    return x.new_empty((*x.shape[:-1], weight.shape[0] // tp_size))
+
+
+@torch.library.custom_op("megatron_cola::all_gather_last_dim", mutates_args=())
+def _all_gather_last_dim_op(x: torch.Tensor, group_name: str, tp_size: int) -> torch.Tensor:
+    """The kept op's backward all-gather, opaque to ``torch.compile`` (a traced one would put the process
+    group object into the compiled backward graph, which cannot be copied)."""
+    return all_gather_last_dim_raw(x, _group_by_name(group_name), "backward")
+
+
+@_all_gather_last_dim_op.register_fake
+def _(x: torch.Tensor, group_name: str, tp_size: int) -> torch.Tensor:
+    return x.new_empty((*x.shape[:-1], x.shape[-1] * tp_size))
+
+
+def _setup_kept_rs(
+    ctx: Any, inputs: tuple[torch.Tensor, torch.Tensor, str, int], output: torch.Tensor
+) -> None:
+    x, weight, ctx.group_name, ctx.tp_size = inputs
+    ctx.save_for_backward(x, weight)
+
+
+def _kept_rs_backward(ctx: Any, grad: torch.Tensor) -> tuple[torch.Tensor | None, ...]:
+    x, weight = ctx.saved_tensors
+    grad = torch.ops.megatron_cola.all_gather_last_dim(grad, ctx.group_name, ctx.tp_size)  # (..., r)
+    return (*linear_grads(ctx.needs_input_grad, x, weight, grad), None, None)
+
+
+_kept_linear_reduce_scatter.register_autograd(_kept_rs_backward, setup_context=_setup_kept_rs)
+register_kept_op(torch.ops.megatron_cola.kept_linear_reduce_scatter.default)
 
 
 class ShardedModule(nn.Module):
@@ -203,17 +259,16 @@ class RowParallelCoLA(_ShardedCoLA):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         # x: (..., d_in/t), this rank's heads / ffn shard.
         # A's output is a partial sum over the input shards (..., r); reduce-scatter it onto the rank
-        # slices (..., r/t). Under CoLA-M both happen inside the kept projection, so CoLA-M keeps the
-        # r/t slice and the reduce-scatter is not re-run in recomputation.
-        if self.keep_a_output:
-            group = self.group
-            a = rank_projection(
-                x,
-                (self.weight_a,),
-                keep=True,
-                post=functools.partial(reduce_scatter_last_dim_raw, group=group, direction="forward"),
-                pre_backward=functools.partial(all_gather_last_dim_raw, group=group, direction="backward"),
+        # slices (..., r/t). Under CoLA-M both happen inside one kept op, so CoLA-M keeps the r/t slice
+        # and the reduce-scatter is not re-run in recomputation.
+        if self.keep_a_output and self.tp_size > 1:
+            x, w = autocast_inputs(x, self.weight_a)
+            group_name = self.group.group_name
+            a = torch.ops.megatron_cola.kept_linear_reduce_scatter(
+                x, w, group_name, self.tp_size
             )  # (..., r/t)
+        elif self.keep_a_output:
+            a = rank_projection(x, (self.weight_a,), keep=True)
         else:
             a = reduce_scatter_to_tp_last_dim(rank_projection(x, (self.weight_a,)), self.group)  # (..., r/t)
         y_partial = F.linear(self.act_fn(a), self.weight_b)  # (..., d_out): partial sum over r
