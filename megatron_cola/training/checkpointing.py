@@ -11,12 +11,14 @@ from __future__ import annotations
 
 import os
 import shutil
+import time
 from typing import Any
 
 import torch
 import torch.distributed as dist
 
-from megatron_cola.checkpoint import CheckpointReader, CheckpointWriter, model_file_name, save_model_file
+from megatron_cola.checkpoint import CheckpointReader, CheckpointWriter, model_file_name
+from megatron_cola.checkpoint.async_save import BackgroundSave
 from megatron_cola.checkpoint.deepspeed_state import (
     gathered_state_dict,
     has_deepspeed_state,
@@ -26,14 +28,16 @@ from megatron_cola.checkpoint.deepspeed_state import (
     save_engine_state,
     save_rng_state,
 )
+from megatron_cola.checkpoint.io import failure_message
 from megatron_cola.checkpoint.layout import read_latest
+from megatron_cola.checkpoint.lock import SaveDirLock
 from megatron_cola.checkpoint.manifest import verify_checkpoint
+from megatron_cola.checkpoint.model_files import model_file_payload
 from megatron_cola.checkpoint.recovery import (
     Selection,
     complete_checkpoints,
-    is_disk_full,
     move_aside,
-    newest_file,
+    prune_checkpoints,
     select_checkpoint,
 )
 from megatron_cola.config import EXECUTION_FIELDS, ModelArgs
@@ -98,18 +102,13 @@ def _all_finite(state: dict[str, Any], parallel: ParallelState) -> str | None:
     return next((n for n in names if n is not None), None)
 
 
-def _save_files(
-    writer: CheckpointWriter,
-    engine: Any,
-    state: dict[str, Any],
-    client_state: dict[str, Any],
-    parallel: ParallelState,
-    meta: dict[str, Any],
-) -> None:
-    save_engine_state(engine, writer, client_state)
-    if parallel.dp_rank == 0:
-        save_model_file(writer.path(model_file_name(parallel.tp_rank)), state, **meta)
-    save_rng_state(writer, _global_rank())
+def _agree(mine: Any) -> list[Any]:
+    """Every rank's ``mine`` (collective: all ranks call it at the same point)."""
+    if not dist.is_initialized() or dist.get_world_size() == 1:
+        return [mine]
+    out: list[Any] = [None] * dist.get_world_size()
+    dist.all_gather_object(out, mine)
+    return out
 
 
 def _prepare_dir(writer: CheckpointWriter) -> None:
@@ -127,16 +126,55 @@ def _prepare_dir(writer: CheckpointWriter) -> None:
     _barrier()
 
 
-def _disk_full_error(writer: CheckpointWriter, err: BaseException) -> CheckpointError:
-    """Remove the partial directory; the error names the file and the last complete checkpoint."""
-    culprit = newest_file(writer.dir) or writer.dir
-    shutil.rmtree(writer.dir, ignore_errors=True)
-    last = read_latest(writer.root)
-    return CheckpointError(
-        f"no space left on device while writing {culprit}; the last complete checkpoint is "
-        f"{os.path.join(writer.root, last) if last else 'none (nothing was saved yet)'}. The partial "
-        f"{writer.dir} was removed; free space or choose another --save"
-    )
+class AsyncSaves:
+    """``--async-save``: at most one checkpoint written in the background (``checkpoint.async_save``).
+
+    ``poll`` (after every step, no collective) raises this rank's failure as soon as it is known: a rank
+    whose files failed, and rank 0, which learns every rank's outcome from the status files. ``wait``
+    (before the next save and before exit: points where every rank is anyway) joins the thread and has
+    the ranks agree, so that all of them raise the same ``CheckpointError``. ``close`` (on an error path)
+    lets this rank's files finish without any collective.
+    """
+
+    def __init__(self, keep_last: int | None = None) -> None:
+        self.keep_last = keep_last
+        self.pending: BackgroundSave | None = None
+
+    def start(self, writer: CheckpointWriter) -> BackgroundSave:
+        world = dist.get_world_size() if dist.is_initialized() else 1
+        self.pending = BackgroundSave(writer, world, keep_last=self.keep_last, log=_log_now).start()
+        return self.pending
+
+    def poll(self) -> None:
+        bg = self.pending
+        if bg is not None and bg.done() and bg.error:
+            self.pending = None
+            raise CheckpointError(bg.error)
+
+    def wait(self) -> float:
+        """Wait for the pending save, agree on its outcome; returns the seconds waited."""
+        bg, self.pending = self.pending, None
+        start = time.perf_counter()
+        if bg is not None:
+            bg.join()
+        waited = time.perf_counter() - start
+        outcomes = _agree(None if bg is None else (bg.failures, bg.error))
+        failures = [f for o in outcomes if o for f in o[0]]
+        errors = [o[1] for o in outcomes if o and o[1]]
+        if failures and bg is not None:
+            raise CheckpointError(failure_message(bg.writer.root, bg.dir, failures))
+        if errors:
+            raise CheckpointError(errors[0])
+        return waited
+
+    def close(self) -> None:
+        bg, self.pending = self.pending, None
+        if bg is not None:
+            bg.join(abort=True)
+
+
+def _log_now(line: str) -> None:
+    print(line, flush=True)
 
 
 def save_checkpoint(
@@ -149,11 +187,18 @@ def save_checkpoint(
     tokenizer_info: dict[str, Any] | None,
     vocab_size: int,
     split_dims: dict[str, int],
+    saves: AsyncSaves | None = None,
 ) -> str:
     """Save everything needed to resume exactly, write the manifest, then mark the checkpoint complete in
-    ``latest``. Weights that are not finite are never written (``CheckpointError``, ``latest`` unchanged);
-    a full disk removes the partial directory and raises ``CheckpointError``."""
-    writer = CheckpointWriter(cfg.save, iteration)
+    ``latest``. Weights that are not finite are never written (``CheckpointError``, ``latest`` unchanged).
+    A file that fails on any rank (a full disk, a failing device) is named with its rank on every rank:
+    the ranks agree before the manifest, the partial directory is removed and ``CheckpointError`` is
+    raised. With ``saves`` (``--async-save``) the state is only snapshotted into host memory here, after
+    the previous background save finished; the rest happens in the background (``AsyncSaves``)."""
+    if saves is not None:
+        saves.wait()
+    rank = _global_rank()
+    writer = CheckpointWriter(cfg.save, iteration, rank=rank, background=saves is not None)
     client_state = {
         "iteration": iteration,
         "consumed_samples": consumed_samples,
@@ -179,17 +224,25 @@ def save_checkpoint(
         tokenizer=tokenizer_info,
     )
     _prepare_dir(writer)
-    try:
-        _save_files(writer, engine, state, client_state, parallel, meta)
-        _barrier()
-        writer.finalize("training")
-    except (OSError, RuntimeError) as e:
-        if is_disk_full(e, writer.dir):
-            raise _disk_full_error(writer, e) from e
-        raise
+    save_engine_state(engine, writer, client_state)
+    if parallel.dp_rank == 0:
+        writer.save_torch(model_file_name(parallel.tp_rank), model_file_payload(state, **meta))
+    save_rng_state(writer, rank)
+    if saves is not None:
+        saves.start(writer)
+        return writer.dir
+    failures = [f for part in _agree(writer.failures) for f in part]  # every rank, before the manifest
+    if failures:
+        if rank == 0:
+            shutil.rmtree(writer.dir, ignore_errors=True)
+        raise CheckpointError(failure_message(writer.root, writer.dir, failures))
+    writer.finalize("training")
     _barrier()
-    if _global_rank() == 0:
+    if rank == 0:
         writer.commit()
+        if cfg.keep_last_checkpoints:
+            for d in prune_checkpoints(cfg.save, cfg.keep_last_checkpoints):
+                print_rank_0(f"> deleted {d} (--keep-last-checkpoints {cfg.keep_last_checkpoints})")
     _barrier()
     return writer.dir
 
@@ -257,6 +310,11 @@ def load_checkpoint(
         )
     check_compatible(meta, cfg, model_args)
     client_state = load_engine_state(engine, reader, load_optimizer_states=not cfg.no_load_optim)
+    if cfg.no_load_optim:
+        print_rank_0(
+            f"> --no-load-optim: Adam's state (moments and step counts) was not loaded from {reader.dir}; "
+            "the optimizer starts afresh from the checkpoint's weights (the LR schedule continues)"
+        )
     if not cfg.no_load_rng:
         load_rng_state(reader, _global_rank())
     return int(client_state["iteration"]), int(client_state["consumed_samples"])
@@ -264,7 +322,8 @@ def load_checkpoint(
 
 def select_for_run(cfg: TrainConfig) -> Selection | None:
     """The checkpoint this run starts from (collective): ``select_checkpoint(--load)`` with its notes
-    printed and, when ``--save`` is the same directory, skipped corrupt checkpoints moved aside."""
+    printed. Nothing is written here: skipped corrupt checkpoints are moved aside by
+    ``move_skipped_aside`` once the resume's checks passed."""
     if not cfg.load:
         return None
     sel = select_checkpoint(cfg.load, finetune=cfg.finetune)
@@ -273,13 +332,41 @@ def select_for_run(cfg: TrainConfig) -> Selection | None:
         return None
     for note in sel.notes:
         print_rank_0(f"> {note}")
-    if sel.skipped and cfg.save and os.path.realpath(cfg.save) == os.path.realpath(cfg.load):
-        _barrier()
-        if _global_rank() == 0:
-            for d in sel.skipped:
-                print_rank_0(f"> moved the corrupt {d} aside to {move_aside(d)}")
-        _barrier()
     return sel
+
+
+def move_skipped_aside(cfg: TrainConfig, sel: Selection | None) -> None:
+    """When ``--save`` is the ``--load`` directory, rename the corrupt checkpoints the selection skipped
+    (collective), so that no save reuses their names."""
+    if sel is None or not sel.skipped or not cfg.save:
+        return
+    if os.path.realpath(cfg.save) != os.path.realpath(cfg.load):
+        return
+    _barrier()
+    if _global_rank() == 0:
+        for d in sel.skipped:
+            print_rank_0(f"> moved the corrupt {d} aside to {move_aside(d)}")
+    _barrier()
+
+
+def lock_save_dir(cfg: TrainConfig) -> SaveDirLock | None:
+    """Take the lock of ``--save`` on rank 0 for the life of the run (collective: every rank raises the
+    same ``CheckpointError`` when another run holds it)."""
+    if not cfg.save:
+        return None
+    lock, outcome = None, None
+    if _global_rank() == 0:
+        lock = SaveDirLock(cfg.save)
+        try:
+            note = lock.acquire()
+            if note:
+                print_rank_0(f"> {note}")
+        except CheckpointError as e:
+            outcome = str(e)
+    outcome = next((o for o in _agree(outcome) if o), None)
+    if outcome:
+        raise CheckpointError(outcome)
+    return lock
 
 
 def check_save_dir(cfg: TrainConfig, resumed_from: CheckpointReader | None) -> None:

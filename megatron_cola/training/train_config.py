@@ -94,6 +94,13 @@ class TrainConfig:
     """One GEMM for q/k/v and one for gate/up (``--grouped-projections``)."""
     chunked_loss: bool
     """LM head and loss a chunk of tokens at a time, no full-vocab logits (``--chunked-loss``)."""
+    # checkpoint saving (issue 19: docs/reliability.md)
+    async_save: bool
+    """Write checkpoints in the background; training pauses only for a host-memory snapshot."""
+    save_interval_minutes: float | None
+    """Also save once this many minutes passed since the last save (checked at log intervals)."""
+    keep_last_checkpoints: int | None
+    """Keep only the newest K complete checkpoints in ``--save``."""
     # derived
     world_size: int
     """Processes in the job (from the launcher's environment)."""
