@@ -22,7 +22,7 @@ import pytest
 import torch
 
 from megatron_cola.checkpoint.async_save import BackgroundSave, status_file
-from megatron_cola.checkpoint.io import CheckpointWriter, snapshot
+from megatron_cola.checkpoint.io import CheckpointWriter, HostBuffers, snapshot
 from megatron_cola.checkpoint.lock import LOCK_FILE, SaveDirLock
 from megatron_cola.checkpoint.manifest import MANIFEST_FILE, verify_checkpoint, write_manifest
 from megatron_cola.checkpoint.recovery import prune_checkpoints
@@ -43,6 +43,14 @@ def test_snapshot_is_independent_and_keeps_shared_storage() -> None:
     # Views of one storage still share one copy: torch.save writes the same file as from the original.
     assert snap["a"].untyped_storage().data_ptr() == snap["nested"][0]["x"].untyped_storage().data_ptr()
     assert snap["a"].untyped_storage().data_ptr() != flat.untyped_storage().data_ptr()
+    # With HostBuffers the next save's snapshot reuses the same host memory (no fresh pages).
+    buffers = HostBuffers()
+    first = snapshot(state, buffers=buffers)
+    ptr = first["a"].untyped_storage().data_ptr()
+    buffers.release_all()
+    flat.mul_(2)
+    second = snapshot(state, buffers=buffers)
+    assert second["a"].untyped_storage().data_ptr() == ptr and second["b"].tolist() == flat[4:].tolist()
 
 
 # ------------------------------------------------------------------------------ background writer
@@ -242,7 +250,8 @@ def _run_args(prefix: str, *extra: str) -> list[str]:
 @pytest.mark.slow
 def test_async_save_kill_resume_equals_sync_run(synthetic_prefix: str, tmp_path: Path) -> None:
     """--async-save: a SIGKILL during a background write leaves ``latest`` on a complete checkpoint; the
-    resume (stale lock taken over) gives the losses of a run that saved synchronously, bit for bit. The
+    resume (stale lock taken over) gives the losses of a run that saved synchronously, bit for bit, and
+    its exit waits for the pending save. The
     synchronous run saves by time (``--save-interval-minutes``) and keeps the last 2. A refused resume
     writes nothing."""
     from .test_checkpoint_faults import _children, _losses
@@ -264,7 +273,7 @@ def test_async_save_kill_resume_equals_sync_run(synthetic_prefix: str, tmp_path:
     killed_in = None
     deadline = time.time() + 300
     while run.poll() is None and time.time() < deadline:
-        partial = [d for d in ckpt.glob("iter_*") if not (d / MANIFEST_FILE).exists()]
+        partial = [d for d in ckpt.glob("iter_000000[1-4]") if not (d / MANIFEST_FILE).exists()]
         if partial and (ckpt / "latest").exists():
             for pid in [*_children(run.pid), run.pid]:
                 os.kill(pid, signal.SIGKILL)
@@ -277,15 +286,20 @@ def test_async_save_kill_resume_equals_sync_run(synthetic_prefix: str, tmp_path:
     assert latest != killed_in and verify_checkpoint(str(ckpt / latest)) == []
     assert (ckpt / LOCK_FILE).exists()  # the killed run's
 
-    resumed = run_torchrun([*_run_args(synthetic_prefix, *flags), "--load", str(ckpt)])
+    # The resume stops at an exit (--exit-interval takes the exit path of a signal or the time limit):
+    # its last save is complete before the run ends with status 0.
+    resumed = run_torchrun(
+        [*_run_args(synthetic_prefix, *flags), "--load", str(ckpt), "--exit-interval", "5"]
+    )
     assert "took over the lock of a run that is gone" in resumed.stdout
     assert f"resumed from {ckpt / latest}" in resumed.stdout
     assert "in the background (training paused" in resumed.stdout
+    assert f"saved checkpoint {ckpt / 'iter_0000005'} (written in the background" in resumed.stdout
     split = _losses(tb)
-    for it in range(1, 7):
+    for it in range(1, 6):
         assert split[it] == straight[it], (it, split[it], straight[it])
-    assert (ckpt / "latest").read_text().strip() == "iter_0000006"
-    assert verify_checkpoint(str(ckpt / "iter_0000006")) == []
+    assert (ckpt / "latest").read_text().strip() == "iter_0000005"
+    assert verify_checkpoint(str(ckpt / "iter_0000005")) == []
     assert not list(ckpt.glob("iter_*/.async-status-*")) and not (ckpt / LOCK_FILE).exists()
 
     # A resume refused by its checks writes nothing into the checkpoint directory.

@@ -19,7 +19,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from megatron_cola.checkpoint.io import CheckpointReader, CheckpointWriter
+from megatron_cola.checkpoint.io import CheckpointReader, CheckpointWriter, HostBuffers, host_copy
 from megatron_cola.checkpoint.layout import rng_file_name
 from megatron_cola.errors import CheckpointError
 
@@ -77,8 +77,11 @@ def load_rng_state(reader: CheckpointReader, global_rank: int) -> bool:
     return True
 
 
-def gathered_state_dict(engine: Any, zero_stage: int, keep: bool) -> dict[str, torch.Tensor]:
-    """This rank's (TP-local) full parameters, copied to CPU when ``keep`` (the writing rank).
+def gathered_state_dict(
+    engine: Any, zero_stage: int, keep: bool, buffers: HostBuffers | None = None
+) -> dict[str, torch.Tensor]:
+    """This rank's (TP-local) full parameters, copied to CPU (into ``buffers`` when given) when ``keep``
+    (the writing rank).
 
     Under ZeRO-3 every rank takes part in gathering, one block (or embedding/norm/head) at a time, so no
     more than one layer is ever materialised beyond the shards.
@@ -87,7 +90,7 @@ def gathered_state_dict(engine: Any, zero_stage: int, keep: bool) -> dict[str, t
     out: dict[str, torch.Tensor] = {}
     if zero_stage < 3:
         if keep:
-            out = {n: p.detach().to("cpu", copy=True) for n, p in module.named_parameters()}
+            out = {n: host_copy(p, buffers) for n, p in module.named_parameters()}
         return out
     import deepspeed
 
@@ -104,7 +107,7 @@ def gathered_state_dict(engine: Any, zero_stage: int, keep: bool) -> dict[str, t
         with deepspeed.zero.GatheredParameters(params, modifier_rank=None):
             if keep:
                 for n, p in unit.named_parameters():
-                    out[f"{prefix}.{n}"] = p.detach().to("cpu", copy=True)
+                    out[f"{prefix}.{n}"] = host_copy(p, buffers)
     return out
 
 

@@ -117,11 +117,46 @@ def is_disk_full(err: BaseException, where: str) -> bool:
         return False
 
 
-def snapshot(obj: Any, memo: dict[Any, Any] | None = None) -> Any:
-    """A copy of ``obj`` whose tensors live in host memory of their own: what a background writer may
-    serialise while training goes on. Dicts, lists and tuples are copied; tensors that share a storage
-    still share one copy (so the file written is the one ``torch.save`` would write from ``obj``); other
-    values are immutable or not changed by training (configs) and are kept as they are."""
+class HostBuffers:
+    """Host-memory storages kept from one background save to the next (``--async-save``; torchtitan's
+    ``async_with_pinned_mem`` keeps its buffers the same way). Copying into memory that was touched
+    before is several times faster than into fresh pages: 3 GB took 13.4 s into new memory and 1.3 s
+    into reused memory on the 2-core development machine (page faults on first touch). Costs one copy
+    of the checkpoint state in host memory for the life of the run."""
+
+    def __init__(self) -> None:
+        self._free: dict[int, list[torch.UntypedStorage]] = {}
+        self._used: list[torch.UntypedStorage] = []
+
+    def take(self, nbytes: int) -> torch.UntypedStorage:
+        """A host storage of ``nbytes`` bytes (reused when one is free)."""
+        free = self._free.get(nbytes)
+        storage = free.pop() if free else torch.UntypedStorage(nbytes)
+        self._used.append(storage)
+        return storage
+
+    def release_all(self) -> None:
+        """Every storage handed out is free again (call once nothing reads them any more)."""
+        for storage in self._used:
+            self._free.setdefault(storage.nbytes(), []).append(storage)
+        self._used = []
+
+
+def host_copy(t: torch.Tensor, buffers: HostBuffers | None = None) -> torch.Tensor:
+    """A contiguous copy of ``t`` in host memory (in ``buffers`` when given)."""
+    t = t.detach()
+    if buffers is None:
+        return t.to("cpu", copy=True)
+    out = torch.empty((0,), dtype=t.dtype).set_(buffers.take(t.numel() * t.element_size()), 0, t.size())
+    return out.copy_(t)
+
+
+def snapshot(obj: Any, memo: dict[Any, Any] | None = None, buffers: HostBuffers | None = None) -> Any:
+    """A copy of ``obj`` whose tensors live in host memory of their own (in ``buffers`` when given):
+    what a background writer may serialise while training goes on. Dicts, lists and tuples are copied;
+    tensors that share a storage still share one copy (so the file written is the one ``torch.save``
+    would write from ``obj``); other values are immutable or not changed by training (configs) and are
+    kept as they are."""
     memo = {} if memo is None else memo
     if isinstance(obj, torch.Tensor):
         t = obj.detach()
@@ -129,7 +164,12 @@ def snapshot(obj: Any, memo: dict[Any, Any] | None = None) -> Any:
         key = (storage.data_ptr(), storage.device, storage.nbytes())
         copy = memo.get(key)
         if copy is None:
-            copy = memo[key] = storage.cpu() if storage.device.type != "cpu" else storage.clone()
+            if buffers is not None:
+                copy = buffers.take(storage.nbytes())
+                copy.copy_(storage)
+            else:
+                copy = storage.cpu() if storage.device.type != "cpu" else storage.clone()
+            memo[key] = copy
         out = torch.empty((0,), dtype=t.dtype).set_(copy, t.storage_offset(), t.size(), t.stride())
         if isinstance(obj, torch.nn.Parameter):
             return torch.nn.Parameter(out, requires_grad=obj.requires_grad)
@@ -137,12 +177,12 @@ def snapshot(obj: Any, memo: dict[Any, Any] | None = None) -> Any:
     if isinstance(obj, dict):
         new = copy_module.copy(obj)
         for k, v in obj.items():
-            new[k] = snapshot(v, memo)
+            new[k] = snapshot(v, memo, buffers)
         return new
     if isinstance(obj, list):
-        return [snapshot(v, memo) for v in obj]
+        return [snapshot(v, memo, buffers) for v in obj]
     if isinstance(obj, tuple):
-        items = [snapshot(v, memo) for v in obj]
+        items = [snapshot(v, memo, buffers) for v in obj]
         return type(obj)(*items) if hasattr(obj, "_fields") else tuple(items)
     return obj
 
@@ -185,8 +225,16 @@ class CheckpointWriter:
     With ``background`` the files are only snapshotted into ``pending`` (``--async-save``).
     """
 
-    def __init__(self, root: str, iteration: int, rank: int = 0, background: bool = False) -> None:
+    def __init__(
+        self,
+        root: str,
+        iteration: int,
+        rank: int = 0,
+        background: bool = False,
+        buffers: HostBuffers | None = None,
+    ) -> None:
         self.root = root
+        self.buffers = buffers  # where background snapshots go (kept between saves)
         self.iteration = iteration
         self.tag = iteration_tag(iteration)
         self.dir = os.path.join(root, self.tag)
@@ -212,7 +260,7 @@ class CheckpointWriter:
         path = self.path(name)
         self.record(name)
         if self.background:
-            self.pending.append((name, obj if owned else snapshot(obj), atomic))
+            self.pending.append((name, obj if owned else snapshot(obj, buffers=self.buffers), atomic))
             return path
         try:
             write_torch_file(obj, path, atomic=atomic)
