@@ -309,3 +309,20 @@ def test_async_save_kill_resume_equals_sync_run(synthetic_prefix: str, tmp_path:
                            check=False)  # fmt: skip
     assert refused.returncode != 0 and "--lr was 0.003, now 0.001" in refused.stderr
     assert sorted(os.listdir(ckpt)) == before
+
+
+def test_saving_flags_are_checked(synthetic_prefix: str) -> None:
+    from megatron_cola.training.arguments import ArgumentError, build_train_config, parse_args
+
+    base = synthetic_args(synthetic_prefix, "--train-iters", "4")
+    for extra, message in (
+        (["--async-save"], "--async-save needs --save DIR"),
+        (["--keep-last-checkpoints", "2"], "--keep-last-checkpoints needs --save DIR"),
+        (["--save", "x", "--keep-last-checkpoints", "0"], "--keep-last-checkpoints must be >= 1"),
+        (["--save", "x", "--save-interval-minutes", "-1"], "--save-interval-minutes must be > 0"),
+    ):
+        with pytest.raises(ArgumentError, match=message):
+            build_train_config(parse_args([*base, *extra]), world_size=1)
+    flags = ["--save", "x", "--async-save", "--save-interval-minutes", "30", "--keep-last-checkpoints", "3"]
+    cfg = build_train_config(parse_args([*base, *flags]), world_size=1)
+    assert cfg.async_save and cfg.save_interval_minutes == 30 and cfg.keep_last_checkpoints == 3
