@@ -2,9 +2,11 @@
 
 This module holds the training side's policy: what goes into the client state (the iteration, consumed
 samples, the flags that define the run), which flags must agree for an exact resume, and the order of
-the writes (finite-weights check, DeepSpeed state, model files, RNG states, the manifest, then ``latest``),
-and which checkpoint a run starts from (``select_for_run``) and may write into (``check_save_dir``). A kill
-during a save leaves ``latest`` pointing at the previous checkpoint, which stays loadable.
+the writes (finite-weights check, DeepSpeed state, model files, RNG states, the ranks' agreement that
+every file was written, the manifest, then ``latest``), when a background save (``AsyncSaves``,
+``--async-save``) is waited for and agreed on, and which checkpoint a run starts from (``select_for_run``)
+and may write into (``check_save_dir``, ``lock_save_dir``). A kill during a save leaves ``latest``
+pointing at the previous checkpoint, which stays loadable.
 """
 
 from __future__ import annotations
