@@ -11,11 +11,9 @@ from __future__ import annotations
 
 import json
 import os
-import signal
 import socket
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import pytest
@@ -28,7 +26,7 @@ from megatron_cola.checkpoint.manifest import MANIFEST_FILE, verify_checkpoint, 
 from megatron_cola.checkpoint.recovery import prune_checkpoints
 from megatron_cola.errors import CheckpointError, ConversionError
 
-from .conftest import ROOT, dist_env, run_torchrun, synthetic_args
+from .conftest import ROOT, dist_env, synthetic_args
 
 
 # -------------------------------------------------------------------------------------- snapshots
@@ -240,75 +238,6 @@ def test_save_failing_on_one_rank_stops_every_rank_naming_file_and_rank(
             assert f"the last complete checkpoint is {ckpt / 'iter_0000001'}" in line, line
     assert (ckpt / "latest").read_text().strip() == "iter_0000001"
     assert sorted(p.name for p in ckpt.glob("iter_*")) == ["iter_0000001"]
-
-
-# ------------------------------------------------------------------------------------------- runs
-def _run_args(prefix: str, *extra: str) -> list[str]:
-    return [*synthetic_args(prefix, "--train-iters", "6"), *extra]
-
-
-@pytest.mark.slow
-def test_async_save_kill_resume_equals_sync_run(synthetic_prefix: str, tmp_path: Path) -> None:
-    """--async-save: a SIGKILL during a background write leaves ``latest`` on a complete checkpoint; the
-    resume (stale lock taken over) gives the losses of a run that saved synchronously, bit for bit, and
-    its exit waits for the pending save. The
-    synchronous run saves by time (``--save-interval-minutes``) and keeps the last 2. A refused resume
-    writes nothing."""
-    from .test_checkpoint_faults import _children, _losses
-
-    ref, ckpt, tb = tmp_path / "ref", tmp_path / "ckpt", tmp_path / "tb"
-    proc = run_torchrun(
-        _run_args(synthetic_prefix, "--save", str(ref), "--tensorboard-dir", str(tmp_path / "ref_tb"),
-                  "--save-interval-minutes", "1e-9", "--keep-last-checkpoints", "2")
-    )  # fmt: skip
-    assert f"> deleted {ref / 'iter_0000004'} (--keep-last-checkpoints 2)" in proc.stdout
-    assert sorted(p.name for p in ref.glob("iter_*")) == ["iter_0000005", "iter_0000006"]
-    straight = _losses(tmp_path / "ref_tb")
-
-    launcher = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2"]
-    flags = ["--async-save", "--save-interval", "1", "--save", str(ckpt), "--tensorboard-dir", str(tb)]
-    cmd = [*launcher, str(ROOT / "pretrain_cola.py"), *_run_args(synthetic_prefix, *flags)]
-    run = subprocess.Popen(cmd, env=dist_env(), cwd=ROOT, start_new_session=True,
-                           stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)  # fmt: skip
-    killed_in = None
-    deadline = time.time() + 300
-    while run.poll() is None and time.time() < deadline:
-        partial = [d for d in ckpt.glob("iter_000000[1-4]") if not (d / MANIFEST_FILE).exists()]
-        if partial and (ckpt / "latest").exists():
-            for pid in [*_children(run.pid), run.pid]:
-                os.kill(pid, signal.SIGKILL)
-            killed_in = partial[0].name
-            break
-        time.sleep(0.002)
-    run.wait()
-    assert killed_in is not None, "the run finished before a background save could be interrupted"
-    latest = (ckpt / "latest").read_text().strip()
-    assert latest != killed_in and verify_checkpoint(str(ckpt / latest)) == []
-    assert (ckpt / LOCK_FILE).exists()  # the killed run's
-
-    # The resume stops at an exit (--exit-interval takes the exit path of a signal or the time limit):
-    # its last save is complete before the run ends with status 0.
-    resumed = run_torchrun(
-        [*_run_args(synthetic_prefix, *flags), "--load", str(ckpt), "--exit-interval", "5"]
-    )
-    assert "took over the lock of a run that is gone" in resumed.stdout
-    assert f"resumed from {ckpt / latest}" in resumed.stdout
-    assert "in the background (training paused" in resumed.stdout
-    assert f"saved checkpoint {ckpt / 'iter_0000005'} (written in the background" in resumed.stdout
-    split = _losses(tb)
-    for it in range(1, 6):
-        assert split[it] == straight[it], (it, split[it], straight[it])
-    assert (ckpt / "latest").read_text().strip() == "iter_0000005"
-    assert verify_checkpoint(str(ckpt / "iter_0000005")) == []
-    assert not list(ckpt.glob("iter_*/.async-status-*")) and not (ckpt / LOCK_FILE).exists()
-
-    # A resume refused by its checks writes nothing into the checkpoint directory.
-    (ckpt / "ds_config.json").unlink()
-    before = sorted(os.listdir(ckpt))
-    refused = run_torchrun([*_run_args(synthetic_prefix, *flags), "--load", str(ckpt), "--lr", "1e-3"],
-                           check=False)  # fmt: skip
-    assert refused.returncode != 0 and "--lr was 0.003, now 0.001" in refused.stderr
-    assert sorted(os.listdir(ckpt)) == before
 
 
 def test_saving_flags_are_checked(synthetic_prefix: str) -> None:
