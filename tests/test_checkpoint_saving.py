@@ -2,9 +2,9 @@
 ``--keep-last-checkpoints``, ``--save-interval-minutes``, and ``convert_to_hf.py`` never replacing the
 checkpoint it reads.
 
-In-process tests build checkpoint directories with the real writer; the runs use ``pretrain_cola.py``
-under torchrun (debug model, 2 layers, synthetic data) and one script that drives ``save_checkpoint``
-on 2 gloo ranks.
+In-process tests build checkpoint directories with the real writer; one script drives
+``save_checkpoint`` on 2 gloo ranks under torchrun. The ``--async-save`` kill-and-resume run is in
+``test_checkpoint_faults.py`` (it reuses that module's synchronous ``base_run`` as its reference).
 """
 
 from __future__ import annotations
