@@ -202,14 +202,20 @@ if rank == 1:  # rank 1's disk fails: its optimizer shard goes to /dev/full
             os.symlink("/dev/full", path)
         return path
     engine._get_zero_ckpt_name = to_dev_full
-for it, saves in ((2, None), (3, AsyncSaves())):
-    try:
-        save(it, saves)
-        if saves is not None:
-            saves.wait()
-        print(f"RANK{rank} SAVED {it}", flush=True)
-    except CheckpointError as e:
-        print(f"RANK{rank} REFUSED {it}: {e}", flush=True)
+try:
+    save(2)
+    print(f"RANK{rank} SAVED 2", flush=True)
+except CheckpointError as e:
+    print(f"RANK{rank} REFUSED 2: {e}", flush=True)
+saves = AsyncSaves()
+save(3, saves)  # returns after the snapshot; the failure shows at the next step's poll
+saves.pending.join()
+try:
+    saves.poll()
+    saves.wait()
+    print(f"RANK{rank} SAVED 3", flush=True)
+except CheckpointError as e:
+    print(f"RANK{rank} REFUSED 3: {e}", flush=True)
 dist.barrier()
 dist.destroy_process_group()
 """
