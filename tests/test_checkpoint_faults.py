@@ -492,6 +492,8 @@ def test_async_save_kill_resume_equals_sync_run(
     assert complete == ["iter_0000003", "iter_0000004"] and "(--keep-last-checkpoints 2)" in resumed.stdout
     assert verify_checkpoint(str(ckpt / "iter_0000004")) == []
     assert not list(ckpt.glob("iter_*/.async-status-*")) and not (ckpt / LOCK_FILE).exists()
+    sizes = [(d / "iter_0000004" / "model_tp00.pt").stat().st_size for d in (ckpt, base_run / "ckpt")]
+    assert sizes[0] == sizes[1]  # the model file's format does not depend on how it was saved
 
     # A resume refused by its checks writes nothing into the checkpoint directory.
     (ckpt / "ds_config.json").unlink()

@@ -89,6 +89,14 @@ def test_background_save_failure_on_another_rank_never_moves_latest(tmp_path: Pa
     assert f"the last complete checkpoint is {tmp_path / 'iter_0000001'}" in bg.error
     assert "ERROR" in lines[0] and not Path(w.dir).exists()
     assert (tmp_path / "latest").read_text().strip() == "iter_0000001"
+    # Weights that are not finite (checked in the background, on the snapshot): never marked complete.
+    w = _background(tmp_path, 4)
+    bg = BackgroundSave(
+        w, 1, log=lambda _: None, check_finite={"norm.weight": torch.tensor([1.0, float("nan")])}
+    )
+    bg.start().join()
+    assert "parameter norm.weight holds NaN/Inf (rank 0)" in (bg.error or "") and not bg.committed
+    assert not Path(w.dir).exists() and (tmp_path / "latest").read_text().strip() == "iter_0000001"
     # A rank that never reports: rank 0 gives up when the run ends, nothing is marked complete.
     bg = BackgroundSave(_background(tmp_path, 3), world_size=2, log=lambda _: None).start()
     bg.join(abort=True)

@@ -32,7 +32,9 @@ from megatron_cola.atomic_io import atomic_write_text
 from megatron_cola.checkpoint.io import (
     CheckpointWriteError,
     CheckpointWriter,
+    compact,
     failure_message,
+    first_non_finite,
     write_failure,
     write_torch_file,
 )
@@ -64,8 +66,10 @@ class BackgroundSave:
         keep_last: int | None = None,
         log: Callable[[str], None] = print,
         status_timeout_s: float = STATUS_TIMEOUT_S,
+        check_finite: dict[str, Any] | None = None,
     ) -> None:
         self.writer = writer
+        self.check_finite = check_finite  # the snapshotted weights: none is written if one is not finite
         self.world_size = world_size
         self.kind = kind
         self.keep_last = keep_last
@@ -115,9 +119,17 @@ class BackgroundSave:
         entries: dict[str, Any] = {}
         failures = list(w.failures)
         pending, w.pending = w.pending, []
+        bad = first_non_finite(self.check_finite) if self.check_finite else None
+        self.check_finite = None
+        if bad is not None:
+            failures.append(
+                {"rank": w.rank, "path": w.dir, "reason": bad, "disk_full": False, "non_finite": True}
+            )
+            pending = []
         for name, obj, atomic in pending:
             try:
-                write_torch_file(obj, os.path.join(w.dir, name), atomic=atomic)
+                # Our own files (atomic) keep one storage per tensor; DeepSpeed's keep its sharing.
+                write_torch_file(compact(obj) if atomic else obj, os.path.join(w.dir, name), atomic=atomic)
                 entries[name] = file_entry(w.dir, name)
             except CheckpointWriteError as e:
                 failures.append(write_failure(w.rank, e))

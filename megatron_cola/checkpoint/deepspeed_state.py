@@ -19,7 +19,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from megatron_cola.checkpoint.io import CheckpointReader, CheckpointWriter, HostBuffers, host_copy
+from megatron_cola.checkpoint.io import CheckpointReader, CheckpointWriter, HostBuffers, host_copy, snapshot
 from megatron_cola.checkpoint.layout import rng_file_name
 from megatron_cola.errors import CheckpointError
 
@@ -78,10 +78,12 @@ def load_rng_state(reader: CheckpointReader, global_rank: int) -> bool:
 
 
 def gathered_state_dict(
-    engine: Any, zero_stage: int, keep: bool, buffers: HostBuffers | None = None
+    engine: Any, zero_stage: int, keep: bool, buffers: HostBuffers | None = None, memo: dict | None = None
 ) -> dict[str, torch.Tensor]:
-    """This rank's (TP-local) full parameters, copied to CPU (into ``buffers`` when given) when ``keep``
-    (the writing rank).
+    """This rank's (TP-local) full parameters, copied to CPU when ``keep`` (the writing rank). With
+    ``buffers`` (a background save) below ZeRO-3 they are snapshotted into them with ``memo``: the
+    storages DeepSpeed flattened the parameters into are copied once, and its own state dict, snapshotted
+    with the same ``memo``, shares that copy.
 
     Under ZeRO-3 every rank takes part in gathering, one block (or embedding/norm/head) at a time, so no
     more than one layer is ever materialised beyond the shards.
@@ -90,7 +92,11 @@ def gathered_state_dict(
     out: dict[str, torch.Tensor] = {}
     if zero_stage < 3:
         if keep:
-            out = {n: host_copy(p, buffers) for n, p in module.named_parameters()}
+            if buffers is not None:
+                memo = {} if memo is None else memo
+                out = {n: snapshot(p.detach(), memo, buffers) for n, p in module.named_parameters()}
+            else:
+                out = {n: host_copy(p) for n, p in module.named_parameters()}
         return out
     import deepspeed
 

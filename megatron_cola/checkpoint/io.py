@@ -117,6 +117,18 @@ def is_disk_full(err: BaseException, where: str) -> bool:
         return False
 
 
+def first_non_finite(state: dict[str, torch.Tensor]) -> str | None:
+    """The name of the first tensor of ``state`` holding NaN or +-Inf, or ``None``. NaN and Inf show in
+    a tensor's min or max (``aminmax`` propagates NaN): 14x faster on the CPU than ``isfinite(t).all()``
+    in bf16."""
+    for name, t in state.items():
+        if t.is_floating_point() and t.numel():
+            lo, hi = torch.aminmax(t)
+            if not (torch.isfinite(lo) and torch.isfinite(hi)):
+                return name
+    return None
+
+
 class HostBuffers:
     """Host-memory storages kept from one background save to the next (``--async-save``; torchtitan's
     ``async_with_pinned_mem`` keeps its buffers the same way). Copying into memory that was touched
@@ -187,6 +199,25 @@ def snapshot(obj: Any, memo: dict[Any, Any] | None = None, buffers: HostBuffers 
     return obj
 
 
+def compact(obj: Any) -> Any:
+    """``obj`` with every tensor that is a view into a larger storage replaced by a copy of its own, so
+    that ``torch.save`` writes only its elements (our own files hold one storage per tensor)."""
+    if isinstance(obj, torch.Tensor):
+        t = obj.detach()
+        return t.clone() if t.untyped_storage().nbytes() != t.numel() * t.element_size() else t
+    if isinstance(obj, dict):
+        new = copy_module.copy(obj)
+        for k, v in obj.items():
+            new[k] = compact(v)
+        return new
+    if isinstance(obj, list):
+        return [compact(v) for v in obj]
+    if isinstance(obj, tuple):
+        items = [compact(v) for v in obj]
+        return type(obj)(*items) if hasattr(obj, "_fields") else tuple(items)
+    return obj
+
+
 def safe_torch_load(path: str, mmap: bool = False, trusted: bool = False, allow_numpy: bool = False) -> Any:
     """``torch.load`` on the CPU; refuses pickled Python objects unless ``trusted`` (DeepSpeed's state).
 
@@ -235,6 +266,7 @@ class CheckpointWriter:
     ) -> None:
         self.root = root
         self.buffers = buffers  # where background snapshots go (kept between saves)
+        self.memo: dict[Any, Any] = {}  # storages snapshotted in this save: each is copied once
         self.iteration = iteration
         self.tag = iteration_tag(iteration)
         self.dir = os.path.join(root, self.tag)
@@ -260,7 +292,7 @@ class CheckpointWriter:
         path = self.path(name)
         self.record(name)
         if self.background:
-            self.pending.append((name, obj if owned else snapshot(obj, buffers=self.buffers), atomic))
+            self.pending.append((name, obj if owned else snapshot(obj, self.memo, self.buffers), atomic))
             return path
         try:
             write_torch_file(obj, path, atomic=atomic)
@@ -291,7 +323,11 @@ def failure_message(root: str, ckpt_dir: str, failures: list[dict[str, Any]]) ->
     """The error of a save that failed on some rank(s): the first file and rank, how many more, the last
     complete checkpoint, and that the partial directory was removed."""
     first = failures[0]
-    if first["disk_full"]:
+    if first.get("non_finite"):
+        what = (
+            f"parameter {first['reason']} holds NaN/Inf (rank {first['rank']}): {ckpt_dir} was not completed"
+        )
+    elif first["disk_full"]:
         what = f"no space left on device while writing {first['path']} (rank {first['rank']})"
     else:
         what = f"rank {first['rank']} could not write {first['path']}: {first['reason']}"
@@ -302,7 +338,12 @@ def failure_message(root: str, ckpt_dir: str, failures: list[dict[str, Any]]) ->
     return (
         f"{what}; the last complete checkpoint is "
         f"{os.path.join(root, last) if last else 'none (nothing was saved yet)'}. The partial {ckpt_dir} "
-        f"was removed; {'free space' if first['disk_full'] else 'repair the disk'} or choose another --save"
+        f"was removed; "
+        + (
+            "lower --lr or resume from it"
+            if first.get("non_finite")
+            else f"{'free space' if first['disk_full'] else 'repair the disk'} or choose another --save"
+        )
     )
 
 
