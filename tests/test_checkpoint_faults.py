@@ -440,3 +440,65 @@ def test_non_finite_weights_never_become_latest(synthetic_prefix: str, tmp_path:
     assert "REFUSED parameter norm.weight holds NaN/Inf at iteration 2" in proc.stdout
     assert (ckpt / "latest").read_text().strip() == "iter_0000001"
     assert sorted(p.name for p in ckpt.glob("iter_*")) == ["iter_0000001"]
+
+
+@pytest.mark.slow
+def test_async_save_kill_resume_equals_sync_run(
+    synthetic_prefix: str, base_run: Path, tmp_path: Path
+) -> None:
+    """--async-save: a SIGKILL during a background write leaves ``latest`` on a complete checkpoint; the
+    resume (the dead run's lock taken over) gives the losses of ``base_run``, which saved synchronously,
+    bit for bit, saves by time (``--save-interval-minutes``), keeps the last 2, and its exit waits for the
+    pending save. A resume refused by its checks writes nothing."""
+    from megatron_cola.checkpoint.lock import LOCK_FILE
+
+    ckpt, tb = tmp_path / "ckpt", tmp_path / "tb"
+    flags = ["--async-save", "--exit-interval", "4", "--save", str(ckpt), "--tensorboard-dir", str(tb)]
+    launcher = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2"]
+    cmd = [*launcher, str(ROOT / "pretrain_cola.py"), *_run_args(synthetic_prefix, *flags, save_interval=1)]
+    run = subprocess.Popen(cmd, env=dist_env(), cwd=ROOT, start_new_session=True,
+                           stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)  # fmt: skip
+    killed_in = None
+    deadline = time.time() + 300
+    while run.poll() is None and time.time() < deadline:
+        partial = [d for d in ckpt.glob("iter_000000[1-4]") if not (d / MANIFEST_FILE).exists()]
+        if partial and (ckpt / "latest").exists():
+            for pid in [*_children(run.pid), run.pid]:
+                os.kill(pid, signal.SIGKILL)
+            killed_in = partial[0].name
+            break
+        time.sleep(0.002)
+    run.wait()
+    assert killed_in is not None, "the run finished before a background save could be interrupted"
+    latest = (ckpt / "latest").read_text().strip()
+    assert latest != killed_in and verify_checkpoint(str(ckpt / latest)) == []
+    assert (ckpt / LOCK_FILE).exists()  # the killed run's
+
+    # Saves by time only (every log line), keeps 2, stops at iteration 4 through the exit path that a
+    # signal or the time limit takes: the last save is complete before the run ends with status 0.
+    timed = ["--save-interval-minutes", "1e-9", "--keep-last-checkpoints", "2"]
+    resumed = run_torchrun(
+        [*_run_args(synthetic_prefix, *flags, *timed, save_interval=1000), "--load", str(ckpt)]
+    )
+    assert "took over the lock of a run that is gone" in resumed.stdout
+    assert f"resumed from {ckpt / latest}" in resumed.stdout
+    assert "in the background (training paused" in resumed.stdout
+    assert f"saved checkpoint {ckpt / 'iter_0000004'} (written in the background" in resumed.stdout
+    straight, split = _losses(base_run / "tb"), _losses(tb)
+    for it in range(1, 5):
+        assert split[it] == straight[it], (it, split[it], straight[it])
+    assert (ckpt / "latest").read_text().strip() == "iter_0000004"
+    complete = sorted(d.name for d in ckpt.glob("iter_*") if (d / MANIFEST_FILE).exists())
+    assert complete == ["iter_0000003", "iter_0000004"] and "(--keep-last-checkpoints 2)" in resumed.stdout
+    assert verify_checkpoint(str(ckpt / "iter_0000004")) == []
+    assert not list(ckpt.glob("iter_*/.async-status-*")) and not (ckpt / LOCK_FILE).exists()
+    sizes = [(d / "iter_0000004" / "model_tp00.pt").stat().st_size for d in (ckpt, base_run / "ckpt")]
+    assert sizes[0] == sizes[1]  # the model file's format does not depend on how it was saved
+
+    # A resume refused by its checks writes nothing into the checkpoint directory.
+    (ckpt / "ds_config.json").unlink()
+    before = sorted(os.listdir(ckpt))
+    changed = [*_run_args(synthetic_prefix), "--load", str(ckpt), "--save", str(ckpt), "--lr", "1e-3"]
+    refused = run_torchrun(changed, nproc=1, check=False)
+    assert refused.returncode != 0 and "--lr was 0.003, now 0.001" in refused.stderr
+    assert sorted(os.listdir(ckpt)) == before

@@ -6,6 +6,7 @@ Layout of a checkpoint root (``--save DIR``; Megatron's tags, DeepSpeed's files)
     DIR/latest                           tag of the newest complete checkpoint (written last, atomically)
     DIR/latest_checkpointed_iteration.txt  its iteration (Megatron's marker)
     DIR/ds_config.json                   the DeepSpeed config of the run
+    DIR/.lock                            host and pid of the run saving here (``lock``)
     DIR/iter_0000100/                    one checkpoint (``iteration_tag``)
         mp_rank_XX_model_states.pt, *_optim_states.pt   DeepSpeed's engine/optimizer state + client state
         model_tpNN.pt                    model weights per TP rank, gathered whatever the ZeRO stage
@@ -15,8 +16,9 @@ Layout of a checkpoint root (``--save DIR``; Megatron's tags, DeepSpeed's files)
 Modules: ``layout`` (names, tags, markers), ``io`` (``CheckpointWriter``/``CheckpointReader``: every
 file of a checkpoint is written and read through them), ``model_files`` (the ZeRO-independent weight
 files), ``deepspeed_state`` (DeepSpeed engine state and RNG), ``manifest`` (checksums), ``recovery`` (which
-checkpoint to resume from, fallbacks, moving corrupt ones aside), ``weights`` (weights-only loading into
-any TP layout, through the model's sharding plan in ``megatron_cola.model.sharding``).
+checkpoint to resume from, fallbacks, moving corrupt ones aside, rotation), ``weights`` (weights-only
+loading into any TP layout, through the model's sharding plan in ``megatron_cola.model.sharding``),
+``async_save`` (the background writer of ``--async-save``), ``lock`` (one run per save directory).
 """
 
 from megatron_cola.checkpoint.io import CheckpointReader, CheckpointWriter

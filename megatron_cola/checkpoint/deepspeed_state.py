@@ -1,12 +1,17 @@
 """DeepSpeed's part of a checkpoint: engine/optimizer state with our client state, and the RNG states.
 
 ``save_engine_state`` and ``load_engine_state`` wrap ``engine.save_checkpoint``/``load_checkpoint`` with
-Megatron's tags (``latest`` is ours, written by ``CheckpointWriter.commit``); ``gathered_state_dict``
-collects this rank's full parameters whatever the ZeRO stage, for the model files.
+Megatron's tags (``latest`` is ours, written by ``CheckpointWriter.commit``). During a save DeepSpeed's
+checkpoint engine (its seam for where files go: ``engine.checkpoint_engine``) is replaced by
+``WriterEngine``, which hands every file to our ``CheckpointWriter``: written now (flushed, fsynced, a
+failure recorded with the file and the rank), or snapshotted into host memory for the background writer
+(``--async-save``). ``gathered_state_dict`` collects this rank's full parameters whatever the ZeRO stage,
+for the model files.
 """
 
 from __future__ import annotations
 
+import os
 import random
 import re
 from typing import Any
@@ -14,7 +19,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from megatron_cola.checkpoint.io import CheckpointReader, CheckpointWriter
+from megatron_cola.checkpoint.io import CheckpointReader, CheckpointWriter, HostBuffers, host_copy, snapshot
 from megatron_cola.checkpoint.layout import rng_file_name
 from megatron_cola.errors import CheckpointError
 
@@ -72,8 +77,13 @@ def load_rng_state(reader: CheckpointReader, global_rank: int) -> bool:
     return True
 
 
-def gathered_state_dict(engine: Any, zero_stage: int, keep: bool) -> dict[str, torch.Tensor]:
-    """This rank's (TP-local) full parameters, copied to CPU when ``keep`` (the writing rank).
+def gathered_state_dict(
+    engine: Any, zero_stage: int, keep: bool, buffers: HostBuffers | None = None, memo: dict | None = None
+) -> dict[str, torch.Tensor]:
+    """This rank's (TP-local) full parameters, copied to CPU when ``keep`` (the writing rank). With
+    ``buffers`` (a background save) below ZeRO-3 they are snapshotted into them with ``memo``: the
+    storages DeepSpeed flattened the parameters into are copied once, and its own state dict, snapshotted
+    with the same ``memo``, shares that copy.
 
     Under ZeRO-3 every rank takes part in gathering, one block (or embedding/norm/head) at a time, so no
     more than one layer is ever materialised beyond the shards.
@@ -82,7 +92,11 @@ def gathered_state_dict(engine: Any, zero_stage: int, keep: bool) -> dict[str, t
     out: dict[str, torch.Tensor] = {}
     if zero_stage < 3:
         if keep:
-            out = {n: p.detach().to("cpu", copy=True) for n, p in module.named_parameters()}
+            if buffers is not None:
+                memo = {} if memo is None else memo
+                out = {n: snapshot(p.detach(), memo, buffers) for n, p in module.named_parameters()}
+            else:
+                out = {n: host_copy(p) for n, p in module.named_parameters()}
         return out
     import deepspeed
 
@@ -99,13 +113,60 @@ def gathered_state_dict(engine: Any, zero_stage: int, keep: bool) -> dict[str, t
         with deepspeed.zero.GatheredParameters(params, modifier_rank=None):
             if keep:
                 for n, p in unit.named_parameters():
-                    out[f"{prefix}.{n}"] = p.detach().to("cpu", copy=True)
+                    out[f"{prefix}.{n}"] = host_copy(p, buffers)
     return out
 
 
+class WriterEngine:
+    """DeepSpeed's checkpoint-engine interface (``create``/``save``/``commit``/...), routed to a
+    ``CheckpointWriter``. ``save`` never raises: a failed write is recorded by the writer, so this rank
+    still reaches the barriers inside ``engine.save_checkpoint`` and no other rank is left waiting."""
+
+    def __init__(self, writer: CheckpointWriter, inner: Any) -> None:
+        self.writer = writer
+        self.inner = inner  # DeepSpeed's own engine, for anything but saving
+        self.name = "MegatronColaWriterEngine"
+
+    def create(self, info: Any) -> None:
+        pass
+
+    def makedirs(self, path: str, exist_ok: bool = False) -> None:
+        os.makedirs(path, exist_ok=exist_ok)
+
+    def save(self, state_dict: Any, path: str) -> None:
+        self.writer.write_torch(os.path.relpath(path, self.writer.dir), state_dict, atomic=False)
+
+    def load(self, path: str, map_location: Any = None) -> Any:
+        return self.inner.load(path, map_location=map_location)
+
+    def commit(self, info: Any) -> bool:
+        return True
+
+    def is_decoupled(self) -> bool:
+        return False
+
+    def get_commit_info(self) -> None:
+        return None
+
+    def cleanup(self) -> None:
+        pass
+
+    def is_data_parallel_writer(self, dp_rank: int) -> bool:
+        return self.inner.is_data_parallel_writer(dp_rank)
+
+    def preserves_storage_sharing(self) -> bool:
+        return True
+
+
 def save_engine_state(engine: Any, writer: CheckpointWriter, client_state: dict[str, Any]) -> None:
-    """DeepSpeed's engine, optimizer and scheduler state plus ``client_state`` into ``writer``'s directory."""
-    engine.save_checkpoint(writer.root, tag=writer.tag, client_state=client_state, save_latest=False)
+    """DeepSpeed's engine, optimizer and scheduler state plus ``client_state`` into ``writer``'s directory
+    (or its ``pending`` snapshots), through ``WriterEngine``."""
+    inner = engine.checkpoint_engine
+    engine.checkpoint_engine = WriterEngine(writer, inner)
+    try:
+        engine.save_checkpoint(writer.root, tag=writer.tag, client_state=client_state, save_latest=False)
+    finally:
+        engine.checkpoint_engine = inner
 
 
 def engine_state_files(reader: CheckpointReader) -> dict[int, str]:

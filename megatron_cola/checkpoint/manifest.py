@@ -68,9 +68,25 @@ def _gather(obj: Any) -> list[Any]:
     return out
 
 
-def _entry(ckpt_dir: str, rel: str) -> dict[str, Any]:
+def file_entry(ckpt_dir: str, rel: str) -> dict[str, Any]:
+    """The manifest entry of file ``rel`` of ``ckpt_dir``: its size and digest."""
     path = os.path.join(ckpt_dir, rel)
     return {"bytes": os.path.getsize(path), ALGORITHM: file_digest(path)}
+
+
+def write_manifest_entries(ckpt_dir: str, iteration: int, kind: str, entries: dict[str, Any]) -> None:
+    """Write the manifest of ``ckpt_dir`` from entries already hashed (``file_entry``); not collective."""
+    if kind not in KINDS:
+        raise ValueError(f"manifest kind {kind!r} is not one of {KINDS}")
+    doc = {
+        "format": FORMAT,
+        "version": 1,
+        "iteration": iteration,
+        "kind": kind,
+        "algorithm": ALGORITHM,
+        "files": dict(sorted(entries.items())),
+    }
+    atomic_write_text(os.path.join(ckpt_dir, MANIFEST_FILE), json.dumps(doc, indent=1) + "\n")
 
 
 def write_manifest(ckpt_dir: str, iteration: int, kind: str = "training") -> float:
@@ -88,21 +104,13 @@ def write_manifest(ckpt_dir: str, iteration: int, kind: str = "training") -> flo
         dist.broadcast_object_list(box, src=0)
     files: list[str] = box[0] or []
     start = time.perf_counter()
-    mine = {rel: _entry(ckpt_dir, rel) for rel in files[rank::world]}
+    mine = {rel: file_entry(ckpt_dir, rel) for rel in files[rank::world]}
     elapsed = time.perf_counter() - start
     entries: dict[str, Any] = {}
     for part in _gather(mine):
         entries.update(part)
     if rank == 0:
-        doc = {
-            "format": FORMAT,
-            "version": 1,
-            "iteration": iteration,
-            "kind": kind,
-            "algorithm": ALGORITHM,
-            "files": dict(sorted(entries.items())),
-        }
-        atomic_write_text(os.path.join(ckpt_dir, MANIFEST_FILE), json.dumps(doc, indent=1) + "\n")
+        write_manifest_entries(ckpt_dir, iteration, kind, entries)
     return elapsed
 
 

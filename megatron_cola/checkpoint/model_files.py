@@ -30,8 +30,7 @@ FORMAT = "megatron-cola-model"
 VERSION = 1
 
 
-def save_model_file(
-    path: str,
+def model_file_payload(
     state_dict: dict[str, torch.Tensor],
     args: dict[str, Any],
     split_dims: dict[str, int],
@@ -40,23 +39,25 @@ def save_model_file(
     vocab_size: int | None = None,
     iteration: int = 0,
     tokenizer: dict[str, Any] | None = None,
-) -> None:
-    """Write one TP rank's model file atomically."""
-    atomic_torch_save(
-        {
-            "format": FORMAT,
-            "version": VERSION,
-            "args": dict(args),
-            "vocab_size": vocab_size,
-            "tp_rank": tp_rank,
-            "tp_size": tp_size,
-            "split_dims": dict(split_dims),
-            "state_dict": {k: v.detach().cpu() for k, v in state_dict.items()},
-            "iteration": iteration,
-            "tokenizer": tokenizer,
-        },
-        path,
-    )
+) -> dict[str, Any]:
+    """What one TP rank's model file holds (its tensors on the CPU)."""
+    return {
+        "format": FORMAT,
+        "version": VERSION,
+        "args": dict(args),
+        "vocab_size": vocab_size,
+        "tp_rank": tp_rank,
+        "tp_size": tp_size,
+        "split_dims": dict(split_dims),
+        "state_dict": {k: v.detach().cpu() for k, v in state_dict.items()},
+        "iteration": iteration,
+        "tokenizer": tokenizer,
+    }
+
+
+def save_model_file(path: str, state_dict: dict[str, torch.Tensor], *args: Any, **kwargs: Any) -> None:
+    """Write one TP rank's model file atomically (arguments as ``model_file_payload``)."""
+    atomic_torch_save(model_file_payload(state_dict, *args, **kwargs), path)
 
 
 def load_model_files(reader: CheckpointReader) -> list[dict[str, Any]]:

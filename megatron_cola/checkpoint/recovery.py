@@ -11,8 +11,8 @@ All functions that verify are collective under torch.distributed (every rank cal
 from __future__ import annotations
 
 import dataclasses
-import errno
 import os
+import re
 import shutil
 import time
 
@@ -126,33 +126,27 @@ def complete_checkpoints(root: str) -> list[str]:
     ]
 
 
-def is_disk_full(err: BaseException, where: str) -> bool:
-    """Whether ``err`` (or what caused it) is ENOSPC, or ``where``'s file system has under 16 MiB left
-    (torch's C++ writer reports a full disk only as 'iostream error' / 'file write failed')."""
-    e: BaseException | None = err
-    while e is not None:
-        if isinstance(e, OSError) and e.errno == errno.ENOSPC:
-            return True
-        e = e.__cause__ or e.__context__
-    probe = where
-    while probe and not os.path.exists(probe):
-        probe = os.path.dirname(probe)
-    try:
-        return shutil.disk_usage(probe or ".").free < (16 << 20)
-    except OSError:
-        return False
-
-
-def newest_file(ckpt_dir: str) -> str | None:
-    """The most recently modified file under ``ckpt_dir`` (the one being written when a save failed)."""
-    best: tuple[float, str] | None = None
-    for base, _, names in os.walk(ckpt_dir):
-        for name in names:
-            path = os.path.join(base, name)
-            try:
-                mtime = os.path.getmtime(path)
-            except OSError:
-                continue
-            if best is None or mtime >= best[0]:
-                best = (mtime, path)
-    return best[1] if best else None
+def prune_checkpoints(root: str, keep: int) -> list[str]:
+    """``--keep-last-checkpoints``: delete the complete checkpoints under ``root`` beyond the newest
+    ``keep``; returns the deleted directories. Only directories with a manifest count and are deleted (each
+    was hashed when it was written); the one ``latest`` names is never deleted, nor a directory without a
+    manifest (a save that did not finish) or one moved aside as corrupt. Each is renamed aside first
+    (``iter_XXXXXXX.deleting-<pid>``), then removed, so a kill midway never leaves a half-deleted
+    checkpoint under its own name. Not collective: one rank calls it, after ``latest`` moved."""
+    if keep < 1:
+        raise ValueError(f"keep must be >= 1, got {keep}")
+    latest = read_latest(root) if os.path.isdir(root) else None
+    complete = [t for t in iteration_dirs(root) if os.path.exists(os.path.join(root, t, MANIFEST_FILE))]
+    deleted = []
+    for tag in complete[keep:]:
+        if tag == latest:
+            continue
+        src = os.path.join(root, tag)
+        aside = f"{src}.deleting-{os.getpid()}"
+        os.replace(src, aside)
+        shutil.rmtree(aside, ignore_errors=True)
+        deleted.append(src)
+    for name in os.listdir(root):  # what a kill in the middle of an earlier deletion left behind
+        if re.fullmatch(r"iter_\d+\.deleting-\d+", name):
+            shutil.rmtree(os.path.join(root, name), ignore_errors=True)
+    return deleted

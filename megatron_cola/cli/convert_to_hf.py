@@ -32,7 +32,11 @@ def main(argv: list[str] | None = None) -> int:
         "--tokenizer-model", default=None, help="SentencePiece .model or HF tokenizer folder to use"
     )
     p.add_argument("--no-tokenizer", action="store_true", help="write no tokenizer files")
-    p.add_argument("--overwrite", action="store_true", help="replace a non-empty --save folder")
+    p.add_argument(
+        "--overwrite",
+        action="store_true",
+        help="replace an existing Hugging Face export at --save (nothing else)",
+    )
     a = p.parse_args(argv)
     try:
         out = export_checkpoint(

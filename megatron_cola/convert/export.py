@@ -14,6 +14,7 @@ Everything is written to a temporary sibling directory that is renamed into plac
 
 from __future__ import annotations
 
+import contextlib
 import os
 import shutil
 import warnings
@@ -21,10 +22,11 @@ from typing import Any
 
 import torch
 
-from megatron_cola.checkpoint import load_full_state_dict
+from megatron_cola.checkpoint import load_full_state_dict, resolve_checkpoint_dir
 from megatron_cola.config import ModelArgs
 from megatron_cola.convert.hf_format import DTYPES, hf_config_dict, save_safetensors, to_layout
 from megatron_cola.convert.tokenizer import TokenizerSpec, save_tokenizer, special_token_ids
+from megatron_cola.errors import ConversionError, MegatronColaError
 
 REMOTE_CODE_FILES = ("configuration_cola.py", "modeling_cola.py")
 _HERE = os.path.dirname(os.path.abspath(__file__))
@@ -149,6 +151,7 @@ def export_checkpoint(
     ``tokenizer_model`` replaces the tokenizer the checkpoint records (a SentencePiece ``.model`` or an HF
     tokenizer folder); ``with_tokenizer=False`` writes no tokenizer.
     """
+    _check_not_inside(load_dir, save_dir, iteration)
     state, meta = load_full_state_dict(load_dir, iteration, drop_vocab_padding=True)
     args = ModelArgs.from_dict(meta["args"])
     info = meta.get("tokenizer") or None
@@ -171,11 +174,45 @@ def export_checkpoint(
     )
 
 
+def _inside(path: str, folder: str) -> bool:
+    """Whether ``path`` is ``folder`` or lies under it (symbolic links resolved)."""
+    path, folder = os.path.realpath(path), os.path.realpath(folder)
+    return path == folder or path.startswith(folder.rstrip(os.sep) + os.sep)
+
+
+def _check_not_inside(load_dir: str, save_dir: str, iteration: int | None) -> None:
+    """Refuse a ``save_dir`` that is, or contains, the checkpoint being read: replacing it would delete
+    the training checkpoint."""
+    reading = [load_dir]
+    with contextlib.suppress(MegatronColaError):
+        reading.append(resolve_checkpoint_dir(load_dir, iteration))
+    if any(_inside(r, save_dir) for r in reading):
+        raise ConversionError(
+            f"--save {save_dir} is, or contains, the checkpoint being read (--load {load_dir}); writing the "
+            "export there would replace the training checkpoint: choose a --save outside it"
+        )
+
+
+def is_hf_export(folder: str) -> bool:
+    """Whether ``folder`` looks like a Hugging Face model folder (``config.json`` and safetensors
+    weights) and holds no training checkpoint (``latest``, ``iter_*``)."""
+    names = set(os.listdir(folder))
+    weights = any(n.endswith(".safetensors") or n.endswith(".safetensors.index.json") for n in names)
+    training = "latest" in names or any(n.startswith("iter_") for n in names)
+    return "config.json" in names and weights and not training
+
+
 def _check_target(save_dir: str, overwrite: bool) -> None:
     if os.path.exists(save_dir) and not os.path.isdir(save_dir):
         raise FileExistsError(f"{save_dir} exists and is not a directory")
-    if os.path.isdir(save_dir) and os.listdir(save_dir) and not overwrite:
-        raise FileExistsError(f"{save_dir} exists and is not empty; pass --overwrite to replace it")
+    if os.path.isdir(save_dir) and os.listdir(save_dir):
+        if not overwrite:
+            raise FileExistsError(f"{save_dir} exists and is not empty; pass --overwrite to replace it")
+        if not is_hf_export(save_dir):
+            raise ConversionError(
+                f"--overwrite replaces only a Hugging Face export (config.json and *.safetensors), and "
+                f"{save_dir} is not one: choose another --save, or remove it yourself"
+            )
 
 
 def _move_into_place(tmp: str, save_dir: str) -> None:

@@ -41,6 +41,7 @@ def build_parser() -> argparse.ArgumentParser:
     _add_performance_flags(p)
     _add_wandb_flags(p)
     _add_hang_and_data_safety_flags(p)
+    _add_checkpoint_reliability_flags(p)
     return p
 
 
@@ -192,6 +193,42 @@ def _add_checkpoint_and_logging_flags(p: argparse.ArgumentParser) -> None:
         help="the device's peak TFLOP/s that MFU is measured against (default: the dense bf16 peak of a "
         "known GPU by its exact name; no MFU on CPU or an unknown card)",
     )
+
+
+# ------------------------------------------------------------------ checkpoint reliability (issue 19)
+def _add_checkpoint_reliability_flags(p: argparse.ArgumentParser) -> None:
+    """Background saves, time-based saves and checkpoint rotation (``docs/reliability.md``)."""
+    g = p.add_argument_group("checkpoint saving")
+    g.add_argument(
+        "--async-save",
+        action="store_true",
+        help="training pauses only to copy the state into host memory; writing, hashing and 'latest' "
+        "happen in the background (at most one save in flight)",
+    )
+    g.add_argument(
+        "--save-interval-minutes",
+        type=float,
+        default=None,
+        help="also save when this many minutes passed since the last save (decided at log intervals)",
+    )
+    g.add_argument(
+        "--keep-last-checkpoints",
+        type=int,
+        default=None,
+        help="delete complete checkpoints beyond the newest K (never the one 'latest' names)",
+    )
+
+
+def _check_checkpoint_reliability_flags(v: dict[str, Any]) -> None:
+    for flag in ("async_save", "save_interval_minutes", "keep_last_checkpoints"):
+        if v[flag] and not v["save"]:
+            raise ArgumentError(f"--{flag.replace('_', '-')} needs --save DIR")
+    minutes = v["save_interval_minutes"]
+    if minutes is not None and not (minutes > 0 and math.isfinite(minutes)):
+        raise ArgumentError(f"--save-interval-minutes must be > 0, got {minutes}")
+    keep = v["keep_last_checkpoints"]
+    if keep is not None and keep < 1:
+        raise ArgumentError(f"--keep-last-checkpoints must be >= 1, got {keep}")
 
 
 # ------------------------------------------------------------------ performance
@@ -365,6 +402,7 @@ def build_train_config(args: argparse.Namespace, world_size: int | None = None) 
     _check_performance_flags(v)
     _check_wandb(v)
     _check_hang_and_data_safety_flags(v)
+    _check_checkpoint_reliability_flags(v)
     if v["finetune"] and not v["load"]:
         raise ArgumentError("--finetune needs --load DIR")
     _model_args(v, None)  # the model's own checks, before any process-group work

@@ -2,21 +2,24 @@
 
 This module holds the training side's policy: what goes into the client state (the iteration, consumed
 samples, the flags that define the run), which flags must agree for an exact resume, and the order of
-the writes (finite-weights check, DeepSpeed state, model files, RNG states, the manifest, then ``latest``),
-and which checkpoint a run starts from (``select_for_run``) and may write into (``check_save_dir``). A kill
-during a save leaves ``latest`` pointing at the previous checkpoint, which stays loadable.
+the writes (finite-weights check, DeepSpeed state, model files, RNG states, the ranks' agreement that
+every file was written, the manifest, then ``latest``), when a background save (``AsyncSaves``,
+``--async-save``) is waited for and agreed on, and which checkpoint a run starts from (``select_for_run``)
+and may write into (``check_save_dir``, ``lock_save_dir``). A kill during a save leaves ``latest``
+pointing at the previous checkpoint, which stays loadable.
 """
 
 from __future__ import annotations
 
 import os
 import shutil
+import time
 from typing import Any
 
-import torch
 import torch.distributed as dist
 
-from megatron_cola.checkpoint import CheckpointReader, CheckpointWriter, model_file_name, save_model_file
+from megatron_cola.checkpoint import CheckpointReader, CheckpointWriter, model_file_name
+from megatron_cola.checkpoint.async_save import BackgroundSave
 from megatron_cola.checkpoint.deepspeed_state import (
     gathered_state_dict,
     has_deepspeed_state,
@@ -26,14 +29,16 @@ from megatron_cola.checkpoint.deepspeed_state import (
     save_engine_state,
     save_rng_state,
 )
+from megatron_cola.checkpoint.io import HostBuffers, failure_message, first_non_finite
 from megatron_cola.checkpoint.layout import read_latest
+from megatron_cola.checkpoint.lock import SaveDirLock
 from megatron_cola.checkpoint.manifest import verify_checkpoint
+from megatron_cola.checkpoint.model_files import model_file_payload
 from megatron_cola.checkpoint.recovery import (
     Selection,
     complete_checkpoints,
-    is_disk_full,
     move_aside,
-    newest_file,
+    prune_checkpoints,
     select_checkpoint,
 )
 from megatron_cola.config import EXECUTION_FIELDS, ModelArgs
@@ -166,7 +171,7 @@ def _barrier() -> None:
 
 def _all_finite(state: dict[str, Any], parallel: ParallelState) -> str | None:
     """The first non-finite parameter of any rank's gathered weights (all ranks agree), or ``None``."""
-    bad = next((n for n, t in state.items() if t.is_floating_point() and not torch.isfinite(t).all()), None)
+    bad = first_non_finite(state)
     if not dist.is_initialized():
         return bad
     names: list[str | None] = [None] * dist.get_world_size()
@@ -174,18 +179,13 @@ def _all_finite(state: dict[str, Any], parallel: ParallelState) -> str | None:
     return next((n for n in names if n is not None), None)
 
 
-def _save_files(
-    writer: CheckpointWriter,
-    engine: Any,
-    state: dict[str, Any],
-    client_state: dict[str, Any],
-    parallel: ParallelState,
-    meta: dict[str, Any],
-) -> None:
-    save_engine_state(engine, writer, client_state)
-    if parallel.dp_rank == 0:
-        save_model_file(writer.path(model_file_name(parallel.tp_rank)), state, **meta)
-    save_rng_state(writer, _global_rank())
+def _agree(mine: Any) -> list[Any]:
+    """Every rank's ``mine`` (collective: all ranks call it at the same point)."""
+    if not dist.is_initialized() or dist.get_world_size() == 1:
+        return [mine]
+    out: list[Any] = [None] * dist.get_world_size()
+    dist.all_gather_object(out, mine)
+    return out
 
 
 def _prepare_dir(writer: CheckpointWriter) -> None:
@@ -203,16 +203,63 @@ def _prepare_dir(writer: CheckpointWriter) -> None:
     _barrier()
 
 
-def _disk_full_error(writer: CheckpointWriter, err: BaseException) -> CheckpointError:
-    """Remove the partial directory; the error names the file and the last complete checkpoint."""
-    culprit = newest_file(writer.dir) or writer.dir
-    shutil.rmtree(writer.dir, ignore_errors=True)
-    last = read_latest(writer.root)
-    return CheckpointError(
-        f"no space left on device while writing {culprit}; the last complete checkpoint is "
-        f"{os.path.join(writer.root, last) if last else 'none (nothing was saved yet)'}. The partial "
-        f"{writer.dir} was removed; free space or choose another --save"
-    )
+class AsyncSaves:
+    """``--async-save``: at most one checkpoint written in the background (``checkpoint.async_save``).
+
+    ``poll`` (after every step, no collective) raises this rank's failure as soon as it is known: a rank
+    whose files failed, and rank 0, which learns every rank's outcome from the status files. ``wait``
+    (before the next save and before exit: points where every rank is anyway) joins the thread and has
+    the ranks agree, so that all of them raise the same ``CheckpointError``. ``close`` (on an error path)
+    lets this rank's files finish without any collective.
+    """
+
+    def __init__(self, keep_last: int | None = None) -> None:
+        self.keep_last = keep_last
+        self.pending: BackgroundSave | None = None
+        self.buffers = HostBuffers()  # the snapshots' host memory, reused by every save
+
+    def start(self, writer: CheckpointWriter, check_finite: dict[str, Any] | None = None) -> BackgroundSave:
+        world = dist.get_world_size() if dist.is_initialized() else 1
+        bg = BackgroundSave(writer, world, keep_last=self.keep_last, log=_log_now, check_finite=check_finite)
+        self.pending = bg.start()
+        return bg
+
+    def poll(self) -> None:
+        bg = self.pending
+        if bg is not None and bg.done() and bg.error:
+            self.pending = None
+            self.buffers.release_all()
+            raise CheckpointError(bg.error)
+
+    def wait(self) -> float:
+        """Wait for the pending save, agree on its outcome; returns the seconds waited."""
+        bg, self.pending = self.pending, None
+        start = time.perf_counter()
+        if bg is not None:
+            bg.join()
+        self.buffers.release_all()  # the thread has written them: free for the next snapshot
+        waited = time.perf_counter() - start
+        outcomes = _agree(None if bg is None else (bg.failures, bg.error))
+        seen: dict[tuple[int, str], dict[str, Any]] = {}  # rank 0 holds every rank's failures too
+        for o in outcomes:
+            for f in o[0] if o else []:
+                seen.setdefault((f["rank"], f["path"]), f)
+        failures = sorted(seen.values(), key=lambda f: (f["rank"], f["path"]))
+        errors = [o[1] for o in outcomes if o and o[1]]
+        if failures and bg is not None:
+            raise CheckpointError(failure_message(bg.writer.root, bg.dir, failures))
+        if errors:
+            raise CheckpointError(errors[0])
+        return waited
+
+    def close(self) -> None:
+        bg, self.pending = self.pending, None
+        if bg is not None:
+            bg.join(abort=True)
+
+
+def _log_now(line: str) -> None:
+    print(line, flush=True)
 
 
 def save_checkpoint(
@@ -226,11 +273,19 @@ def save_checkpoint(
     vocab_size: int,
     split_dims: dict[str, int],
     data_history: list[dict[str, Any]] | None = None,
+    saves: AsyncSaves | None = None,
 ) -> str:
     """Save everything needed to resume exactly, write the manifest, then mark the checkpoint complete in
-    ``latest``. Weights that are not finite are never written (``CheckpointError``, ``latest`` unchanged);
-    a full disk removes the partial directory and raises ``CheckpointError``."""
-    writer = CheckpointWriter(cfg.save, iteration)
+    ``latest``. Weights that are not finite are never written (``CheckpointError``, ``latest`` unchanged).
+    A file that fails on any rank (a full disk, a failing device) is named with its rank on every rank:
+    the ranks agree before the manifest, the partial directory is removed and ``CheckpointError`` is
+    raised. With ``saves`` (``--async-save``) the state is only snapshotted into host memory here, after
+    the previous background save finished; the rest happens in the background (``AsyncSaves``)."""
+    if saves is not None:
+        saves.wait()
+    rank = _global_rank()
+    buffers = saves.buffers if saves is not None else None
+    writer = CheckpointWriter(cfg.save, iteration, rank=rank, background=saves is not None, buffers=buffers)
     client_state = {
         "iteration": iteration,
         "consumed_samples": consumed_samples,
@@ -241,9 +296,14 @@ def save_checkpoint(
         # --data-path/--split of every stretch of the run (resumes with --allow-data-change add one).
         "data_history": data_history if data_history is not None else initial_data_history(cfg),
     }
-    state = gathered_state_dict(engine, cfg.zero_stage, keep=parallel.dp_rank == 0)
-    bad = _all_finite(state, parallel)
+    state = gathered_state_dict(
+        engine, cfg.zero_stage, keep=parallel.dp_rank == 0, buffers=buffers, memo=writer.memo
+    )
+    # A background save checks its snapshot in the background (it is then never marked complete).
+    bad = _all_finite(state, parallel) if saves is None else None
     if bad is not None:
+        if buffers is not None:
+            buffers.release_all()
         raise CheckpointError(
             f"parameter {bad} holds NaN/Inf at iteration {iteration}: checkpoint {writer.dir} was not "
             f"written and {cfg.save}/latest still names the last good one; lower --lr or resume from it"
@@ -258,17 +318,25 @@ def save_checkpoint(
         tokenizer=tokenizer_info,
     )
     _prepare_dir(writer)
-    try:
-        _save_files(writer, engine, state, client_state, parallel, meta)
-        _barrier()
-        writer.finalize("training")
-    except (OSError, RuntimeError) as e:
-        if is_disk_full(e, writer.dir):
-            raise _disk_full_error(writer, e) from e
-        raise
+    save_engine_state(engine, writer, client_state)
+    if parallel.dp_rank == 0:
+        writer.save_torch(model_file_name(parallel.tp_rank), model_file_payload(state, **meta))
+    save_rng_state(writer, rank)
+    if saves is not None:
+        saves.start(writer, check_finite=state)
+        return writer.dir
+    failures = [f for part in _agree(writer.failures) for f in part]  # every rank, before the manifest
+    if failures:
+        if rank == 0:
+            shutil.rmtree(writer.dir, ignore_errors=True)
+        raise CheckpointError(failure_message(writer.root, writer.dir, failures))
+    writer.finalize("training")
     _barrier()
-    if _global_rank() == 0:
+    if rank == 0:
         writer.commit()
+        if cfg.keep_last_checkpoints:
+            for d in prune_checkpoints(cfg.save, cfg.keep_last_checkpoints):
+                print_rank_0(f"> deleted {d} (--keep-last-checkpoints {cfg.keep_last_checkpoints})")
     _barrier()
     return writer.dir
 
@@ -338,6 +406,11 @@ def load_checkpoint(
     check_compatible(meta, cfg, model_args)
     history = resumed_data_history(meta, cfg, int(meta["iteration"]), int(meta["consumed_samples"]))
     client_state = load_engine_state(engine, reader, load_optimizer_states=not cfg.no_load_optim)
+    if cfg.no_load_optim:
+        print_rank_0(
+            f"> --no-load-optim: Adam's state (moments and step counts) was not loaded from {reader.dir}; "
+            "the optimizer starts afresh from the checkpoint's weights (the LR schedule continues)"
+        )
     if not cfg.no_load_rng:
         load_rng_state(reader, _global_rank())
     return int(client_state["iteration"]), int(client_state["consumed_samples"]), history
@@ -345,7 +418,8 @@ def load_checkpoint(
 
 def select_for_run(cfg: TrainConfig) -> Selection | None:
     """The checkpoint this run starts from (collective): ``select_checkpoint(--load)`` with its notes
-    printed and, when ``--save`` is the same directory, skipped corrupt checkpoints moved aside."""
+    printed. Nothing is written here: skipped corrupt checkpoints are moved aside by
+    ``move_skipped_aside`` once the resume's checks passed."""
     if not cfg.load:
         return None
     sel = select_checkpoint(cfg.load, finetune=cfg.finetune)
@@ -354,13 +428,41 @@ def select_for_run(cfg: TrainConfig) -> Selection | None:
         return None
     for note in sel.notes:
         print_rank_0(f"> {note}")
-    if sel.skipped and cfg.save and os.path.realpath(cfg.save) == os.path.realpath(cfg.load):
-        _barrier()
-        if _global_rank() == 0:
-            for d in sel.skipped:
-                print_rank_0(f"> moved the corrupt {d} aside to {move_aside(d)}")
-        _barrier()
     return sel
+
+
+def move_skipped_aside(cfg: TrainConfig, sel: Selection | None) -> None:
+    """When ``--save`` is the ``--load`` directory, rename the corrupt checkpoints the selection skipped
+    (collective), so that no save reuses their names."""
+    if sel is None or not sel.skipped or not cfg.save:
+        return
+    if os.path.realpath(cfg.save) != os.path.realpath(cfg.load):
+        return
+    _barrier()
+    if _global_rank() == 0:
+        for d in sel.skipped:
+            print_rank_0(f"> moved the corrupt {d} aside to {move_aside(d)}")
+    _barrier()
+
+
+def lock_save_dir(cfg: TrainConfig) -> SaveDirLock | None:
+    """Take the lock of ``--save`` on rank 0 for the life of the run (collective: every rank raises the
+    same ``CheckpointError`` when another run holds it)."""
+    if not cfg.save:
+        return None
+    lock, outcome = None, None
+    if _global_rank() == 0:
+        lock = SaveDirLock(cfg.save)
+        try:
+            note = lock.acquire()
+            if note:
+                print_rank_0(f"> {note}")
+        except CheckpointError as e:
+            outcome = str(e)
+    outcome = next((o for o in _agree(outcome) if o), None)
+    if outcome:
+        raise CheckpointError(outcome)
+    return lock
 
 
 def check_save_dir(cfg: TrainConfig, resumed_from: CheckpointReader | None) -> None:

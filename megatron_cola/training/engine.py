@@ -7,12 +7,11 @@ import sys
 from typing import Any
 
 import torch
-import torch.distributed as dist
 
 from megatron_cola.config import ModelArgs
 from megatron_cola.model import CoLALlama
 from megatron_cola.parallel import ParallelState
-from megatron_cola.training.ds_config import build_ds_config, save_ds_config
+from megatron_cola.training.ds_config import build_ds_config
 from megatron_cola.training.logging_utils import print_rank_0
 from megatron_cola.training.schedule import build_scheduler
 from megatron_cola.training.train_config import TrainConfig
@@ -140,8 +139,8 @@ def build_optimizer(cfg: TrainConfig, model: torch.nn.Module, device: torch.devi
 def build_engine(
     cfg: TrainConfig, model: torch.nn.Module, parallel: ParallelState, device: torch.device
 ) -> tuple[Any, Any]:
-    """``(engine, scheduler)``: the optimizer and schedule wrapped by ``deepspeed.initialize``; the
-    DeepSpeed config is written to ``--save`` by rank 0."""
+    """``(engine, scheduler)``: the optimizer and schedule wrapped by ``deepspeed.initialize``. Nothing is
+    written: the trainer saves the DeepSpeed config into ``--save`` once a resume's checks passed."""
     import deepspeed
 
     model = compile_model(cfg, model)
@@ -150,8 +149,6 @@ def build_engine(
         optimizer, cfg.lr, cfg.min_lr, cfg.lr_warmup_iters, cfg.lr_decay_iters, cfg.lr_decay_style
     )
     ds_config = build_ds_config(cfg, device.type)
-    if cfg.save and dist.get_rank() == 0:
-        save_ds_config(ds_config, cfg.save)
     engine, _, _, _ = deepspeed.initialize(
         model=model, optimizer=optimizer, lr_scheduler=scheduler, config=ds_config, mpu=parallel.mpu()
     )

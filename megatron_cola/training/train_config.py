@@ -111,6 +111,13 @@ class TrainConfig:
     """Slowest and fastest rank's step time at each log line."""
     allow_data_change: bool
     """Resume although ``--data-path``/``--split`` changed (recorded in the data history)."""
+    # checkpoint saving (issue 19: docs/reliability.md)
+    async_save: bool
+    """Write checkpoints in the background; training pauses only for a host-memory snapshot."""
+    save_interval_minutes: float | None
+    """Also save once this many minutes passed since the last save (checked at log intervals)."""
+    keep_last_checkpoints: int | None
+    """Keep only the newest K complete checkpoints in ``--save``."""
     # derived
     world_size: int
     """Processes in the job (from the launcher's environment)."""

@@ -21,6 +21,7 @@ import numpy as np
 import torch
 import torch.distributed as dist
 
+from megatron_cola.checkpoint.lock import SaveDirLock
 from megatron_cola.checkpoint.weights import adopt_architecture, load_weights_only
 from megatron_cola.config import ModelArgs
 from megatron_cola.data import check_dataset_files
@@ -30,7 +31,7 @@ from megatron_cola.model.flops import training_flops_per_token
 from megatron_cola.parallel import ParallelState
 from megatron_cola.training import checkpointing
 from megatron_cola.training.data_setup import build_datasets, make_loader, tokens_and_labels
-from megatron_cola.training.ds_config import build_ds_config
+from megatron_cola.training.ds_config import build_ds_config, save_ds_config
 from megatron_cola.training.engine import build_engine, build_model, optimizer_name
 from megatron_cola.training.guards import ExitSignalHandler, RunGuard, Verdict
 from megatron_cola.training.logging_utils import (
@@ -65,6 +66,9 @@ class Trainer:
         self.signals: ExitSignalHandler | None = None
         self.watchdog: Watchdog | None = None
         self.data_history = checkpointing.initial_data_history(cfg)  # --data-path/--split per stretch
+        self.lock: SaveDirLock | None = None  # of --save, for the life of the run
+        self.saves = checkpointing.AsyncSaves(cfg.keep_last_checkpoints) if cfg.async_save else None
+        self.last_save_time = time.time()  # for --save-interval-minutes (rank 0's clock decides)
 
     # ------------------------------------------------------------------------------------------ setup
     def setup(self) -> None:
@@ -79,6 +83,7 @@ class Trainer:
         np.random.seed(cfg.seed)
         torch.manual_seed(cfg.seed)
         print_rank_0(self._banner())
+        self.lock = checkpointing.lock_save_dir(cfg)  # before anything reads or writes --save
         self._build_engine()
         self.history["start_iteration"] = self.iteration
         self.train_ds, self.valid_ds, self.test_ds = build_datasets(
@@ -150,6 +155,10 @@ class Trainer:
                 self.engine, cfg, self.model_args, reader
             )
             print_rank_0(f"> resumed from {reader.dir} at iteration {self.iteration}")
+        # Only now, with every check passed, is anything written into --save.
+        checkpointing.move_skipped_aside(cfg, sel)
+        if cfg.save and dist.get_rank() == 0:
+            save_ds_config(build_ds_config(cfg, self.device.type), cfg.save)
 
     def _split_dims(self) -> dict[str, int]:
         if self.parallel.tp_size == 1:
@@ -231,8 +240,10 @@ class Trainer:
         return loss
 
     def save(self) -> str:
-        """Write a checkpoint of the current iteration into ``--save``."""
+        """Write a checkpoint of the current iteration into ``--save`` (with ``--async-save``: snapshot it
+        and let the background writer finish it)."""
         self._flush_steps()
+        start = time.perf_counter()
         tokenizer_model = os.path.abspath(self.cfg.tokenizer_model) if self.cfg.tokenizer_model else None
         if self.watchdog is not None:  # a save is a long phase for the hang watchdog (ended on return)
             self.watchdog.enter_phase(f"saving iteration {self.iteration}")
@@ -251,10 +262,18 @@ class Trainer:
             vocab_size=self.tokenizer.vocab_size,
             split_dims=self.split_dims,
             data_history=self.data_history,
+            saves=self.saves,
         )
         if self.watchdog is not None:
             self.watchdog.leave_phase()
-        print_rank_0(f"> saved checkpoint {path}")
+        self.last_save_time = time.time()
+        if self.saves is None:
+            print_rank_0(f"> saved checkpoint {path}")
+        else:
+            print_rank_0(
+                f"> saving checkpoint {path} in the background (training paused "
+                f"{time.perf_counter() - start:.2f} s)"
+            )
         return path
 
     # ------------------------------------------------------------------------------------------ loop
@@ -262,14 +281,28 @@ class Trainer:
         """Train to ``--train-iters`` (or an exit condition); returns the loss history."""
         if self.cfg.exit_signal_handler:
             self.signals = ExitSignalHandler()
+        finished = False
         try:
             self.setup()
             self._loop()
+            if self.saves is not None:  # exits (signals, time limit) too: the pending save first
+                if self.watchdog is not None:  # a long wait is not a hang
+                    self.watchdog.enter_phase("waiting for the background save")
+                waited = self.saves.wait()
+                if self.watchdog is not None:
+                    self.watchdog.leave_phase()
+                if waited > 0.01:
+                    print_rank_0(f"> waited {waited:.2f} s for the background save to finish")
+            finished = True
         finally:
             if self.watchdog is not None:
                 self.watchdog.stop()
+            if self.saves is not None and not finished:
+                self.saves.close()
             if self.signals is not None:
                 self.signals.restore()
+            if self.lock is not None:
+                self.lock.release()
         self._flush_steps()
         if self.iteration >= self.cfg.train_iters:
             self._final_evaluations()
@@ -285,17 +318,21 @@ class Trainer:
         while self.iteration < cfg.train_iters:
             self.train_step()
             meter.timer.step()
+            if self.saves is not None:
+                self.saves.poll()  # a background save that failed stops the run here
             it = self.iteration
+            time_to_save = False
             if it % cfg.log_interval == 0 or it == cfg.train_iters:
                 self._flush_steps()
                 meter.log(self)
                 # A .bin/.idx truncated or rewritten under the run: a DataError naming it (two fstat each).
                 check_dataset_files(self.train_ds, self.valid_ds, self.test_ds)
+                time_to_save = self._minutes_since_save_due()
             if self.valid_ds is not None and cfg.eval_iters > 0 and it % cfg.eval_interval == 0:
                 with meter.timer.paused():  # evaluation is not training time
                     self.history["valid"].append((it, self._evaluate_and_log("validation", self.valid_ds)))
             stop = self._exit_reason()
-            if self._save_due(stop is not None):
+            if self._save_due(stop is not None, time_to_save):
                 with meter.timer.paused():  # nor is saving
                     self.save()
             if stop:
@@ -310,13 +347,26 @@ class Trainer:
             return f"--exit-interval {self.cfg.exit_interval}"
         return None
 
-    def _save_due(self, stop: bool) -> bool:
-        """Every ``--save-interval``, before an exit, and at the last iteration; never while the latest
-        step was skipped as non-finite (its weights may be the ones that went bad)."""
+    def _minutes_since_save_due(self) -> bool:
+        """``--save-interval-minutes``: whether rank 0's clock says a save is due. Asked at log intervals
+        only, where the ranks are together anyway: one broadcast of one number, no per-step collective."""
+        minutes = self.cfg.save_interval_minutes
+        if minutes is None:
+            return False
+        due = torch.tensor([float(time.time() - self.last_save_time >= 60.0 * minutes)], device=self.device)
+        if dist.is_initialized() and dist.get_world_size() > 1:
+            dist.broadcast(due, src=0)
+        return bool(due.item())
+
+    def _save_due(self, stop: bool, time_to_save: bool = False) -> bool:
+        """Every ``--save-interval``, when ``--save-interval-minutes`` passed (``time_to_save``), before an
+        exit, and at the last iteration; never while the latest step was skipped as non-finite (its
+        weights may be the ones that went bad)."""
         cfg, it = self.cfg, self.iteration
         if not cfg.save:
             return False
         due = bool(cfg.save_interval and it % cfg.save_interval == 0) or stop or it == cfg.train_iters
+        due = due or time_to_save
         if due and not self.guard.save_allowed:
             print_rank_0(
                 f"> not saving at iteration {it}: the last {self.guard.consecutive_skips} step(s) were "
