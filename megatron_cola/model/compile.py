@@ -9,8 +9,9 @@ checkpointed region, which the compiler recomputes in backward; ``cola-m``'s two
 half-blocks carry their selective-checkpoint policy into the graph (``model.recompute``), so the
 partitioner saves the kept A outputs and recomputes everything else, with no A GEMM in backward.
 
-Under tensor parallelism the collectives (autograd functions around ``torch.distributed`` calls) are
-graph breaks; ``graph_breaks`` reports how many there are.
+Under tensor parallelism dynamo traces the collectives (autograd functions around ``torch.distributed``
+calls, and CoLA-M's kept custom ops) into the block's graph; ``graph_breaks`` reports the count
+(docs/performance.md: one graph, no break, per block in every mode at TP=1 and TP=2).
 """
 
 from __future__ import annotations
