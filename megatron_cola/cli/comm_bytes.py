@@ -1,0 +1,210 @@
+"""Tensor-parallel communication per token per block: the CoLA schemes vs Megatron's dense TP.
+
+    python tools/comm_bytes.py --model-size 1B 7B --tp 2 4 8 [--cola-tp-scheme all] [--grouped-projections]
+    python tools/comm_bytes.py --recompute cola-m --dtype fp32 --json comm.json
+    python tools/comm_bytes.py --measure [--measure-model-size debug] [--tp 2 4]
+
+Analytic (megatron_cola/parallel/comm.py): bytes are what each rank sends under the ring algorithm
+(all-reduce 2(t-1)/t·n, all-gather and reduce-scatter (t-1)/t·n), forward + backward, per token and
+block, next to the number of collectives per block; ``dense`` is Megatron's TP of the full-rank model of
+the same size. ``--json [FILE]`` writes one object per size × TP × scheme (``cola_bytes``,
+``dense_bytes``, ``ratio``, ``collectives``, ...; to stdout without FILE).
+
+``--measure`` runs one forward and backward of the ``--measure-model-size`` model (1 and 2 layers: the
+difference is one block) on real TP ranks (gloo processes spawned here, one per rank, for each ``--tp``
+the model allows), counts every collective with ``CommCounter`` and prints the measured fp32 bytes and
+collectives next to the analytic ones, with the activations each rank keeps for backward (recompute
+none and cola-m). A scheme this build does not implement yet is reported as such.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from typing import Any
+
+from megatron_cola.atomic_io import atomic_write_text
+from megatron_cola.config import ModelArgs
+from megatron_cola.model.activation_memory import cola_m_kept_per_rank
+from megatron_cola.parallel.comm import (
+    COLA_TP_SCHEMES,
+    block_collectives,
+    block_comm_bytes_per_token,
+    comm_table,
+    format_comm_table,
+    outside_blocks_volume,
+)
+from megatron_cola.parallel.sizes import check_tensor_parallel_size
+
+DTYPE_BYTES = {"bf16": 2, "fp16": 2, "fp32": 4}
+
+
+def parse_args(argv: list[str] | None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(
+        prog="comm_bytes.py", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    p.add_argument("--model-size", nargs="+", default=["1B", "7B"], help="named sizes (debug, 60M, ..., 7B)")
+    p.add_argument("--tp", nargs="+", type=int, default=[2, 4, 8], help="tensor-model-parallel sizes")
+    p.add_argument("--dtype", choices=sorted(DTYPE_BYTES), default="bf16", help="activation dtype")
+    p.add_argument("--recompute", choices=["none", "full", "cola-m"], default="none")
+    p.add_argument(
+        "--cola-tp-scheme",
+        choices=[*COLA_TP_SCHEMES, "all"],
+        default="all",
+        help="CoLA tensor-parallel scheme(s) to show next to dense TP (default: all)",
+    )
+    p.add_argument("--grouped-projections", action="store_true", help="q/k/v and gate/up grouped per map")
+    p.add_argument(
+        "--json",
+        nargs="?",
+        const="-",
+        default=None,
+        metavar="FILE",
+        help="write the rows as JSON (stdout: -)",
+    )
+    p.add_argument("--measure", action="store_true", help="also measure on real TP ranks (gloo, CPU)")
+    p.add_argument(
+        "--measure-model-size", default="debug", help="model measured by --measure (default debug)"
+    )
+    p.add_argument("--measure-seq-length", type=int, default=16, help="tokens per sequence (2 sequences)")
+    a = p.parse_args(argv)
+    for size in [*a.model_size, a.measure_model_size]:
+        try:
+            ModelArgs.from_size(size)
+        except ValueError as e:
+            p.error(str(e))
+    if any(t < 1 for t in a.tp):
+        p.error(f"--tp sizes must be >= 1, got {a.tp}")
+    if a.measure_seq_length < 1:
+        p.error(f"--measure-seq-length must be >= 1, got {a.measure_seq_length}")
+    return a
+
+
+def measured_rows(
+    size: str, tp_sizes: list[int], schemes: tuple[str, ...], grouped: bool, seq_length: int
+) -> tuple[list[dict[str, Any]], list[str]]:
+    """Measured rows (one per TP × scheme × recompute none / cola-m, dense: none / full) and notes on
+    TP sizes or schemes that could not be measured."""
+    from megatron_cola.parallel.measure import Case, implemented_schemes, measure_tp
+
+    base = ModelArgs.from_size(size, grouped_projections=grouped)
+    notes = [
+        f"scheme {s} is not implemented in this build: not measured"
+        for s in schemes
+        if s not in implemented_schemes()
+    ]
+    schemes = tuple(s for s in schemes if s in implemented_schemes())
+    cases = [Case(s, r, grouped) for s in schemes for r in ("none", "cola-m")]
+    cases += [Case("dense", r, grouped) for r in ("none", "full")]
+    rows: list[dict[str, Any]] = []
+    for t in tp_sizes:
+        try:
+            check_tensor_parallel_size(t, model_args=base)
+        except ValueError as e:
+            notes.append(f"TP={t} not measured: {e}")
+            continue
+        if t == 1:
+            continue
+        measured = measure_tp(base, t, cases, seq_length=seq_length)
+        dense = {m["recompute"]: m for m in measured if m["scheme"] == "dense"}
+        for case, m in zip(cases, measured, strict=True):
+            args = case.model_args(base)
+            acts, loss = outside_blocks_volume(args, case.scheme)
+            ref = dense["full" if case.recompute == "cola-m" else case.recompute]
+            rows.append(
+                {
+                    "source": "measured",
+                    "size": size,
+                    "tp": t,
+                    "scheme": case.scheme,
+                    "grouped_projections": grouped,
+                    "recompute": case.recompute,
+                    "dtype_bytes": 4,
+                    "cola_bytes": m["block_bytes"],
+                    "dense_bytes": ref["block_bytes"],
+                    "ratio": m["block_bytes"] / ref["block_bytes"],
+                    "collectives": m["block_collectives"],
+                    "dense_collectives": ref["block_collectives"],
+                    "analytic_bytes": block_comm_bytes_per_token(args, t, case.scheme, 4, case.recompute),
+                    "analytic_collectives": block_collectives(args, case.scheme, case.recompute),
+                    "outside_bytes": m["outside_bytes"],
+                    "analytic_outside_bytes": acts.ring_bytes(t, 4) + loss.ring_bytes(t, 4),
+                    "saved_elements_per_token_per_layer": m["saved_elements"],
+                    "analytic_cola_m_kept": (
+                        cola_m_kept_per_rank(args, t, case.scheme) if case.recompute == "cola-m" else None
+                    ),
+                }
+            )
+    return rows, notes
+
+
+def format_measured(rows: list[dict[str, Any]]) -> str:
+    lines = [
+        "| TP | scheme | recompute | B/tok/block measured (analytic) | / dense | collectives/block measured "
+        "(analytic) | rest of model B/tok measured (analytic) | saved elements/tok/layer per rank |",
+        "|---|---|---|---|---|---|---|---|",
+    ]
+    for r in rows:
+        kept = "" if r["analytic_cola_m_kept"] is None else f" (analytic {r['analytic_cola_m_kept']:g})"
+        lines.append(
+            f"| {r['tp']} | {r['scheme']} | {r['recompute']} | {r['cola_bytes']:g} ({r['analytic_bytes']:g}) "
+            f"| {r['ratio']:.3f} | {r['collectives']} ({r['analytic_collectives']}) "
+            f"| {r['outside_bytes']:g} ({r['analytic_outside_bytes']:g}) "
+            f"| {r['saved_elements_per_token_per_layer']:g}{kept} |"
+        )
+    return "\n".join(lines)
+
+
+def main(argv: list[str] | None = None) -> int:
+    a = parse_args(argv)
+    schemes = COLA_TP_SCHEMES if a.cola_tp_scheme == "all" else (a.cola_tp_scheme,)
+    rows: list[dict[str, Any]] = [
+        {"source": "analytic", **row}
+        for row in comm_table(
+            tuple(a.model_size),
+            tuple(a.tp),
+            DTYPE_BYTES[a.dtype],
+            a.recompute,
+            schemes,
+            a.grouped_projections,
+        )
+    ]
+    to_stdout = a.json == "-"
+    out = sys.stderr if to_stdout else sys.stdout
+    note = " (dense: full)" if a.recompute == "cola-m" else ""
+    grouped = ", grouped projections" if a.grouped_projections else ""
+    title = f"bytes sent per rank per token per block, fwd+bwd, {a.dtype}, recompute={a.recompute}"
+    print(f"{title}{note}{grouped}\n", file=out)
+    print(format_comm_table(rows), file=out)
+    for size in a.model_size:
+        args = ModelArgs.from_size(size)
+        for t in a.tp:
+            try:
+                check_tensor_parallel_size(t, model_args=args)
+            except ValueError as e:
+                print(f"  note, {size} TP={t}: {e}", file=out)
+    if a.measure:
+        measured, notes = measured_rows(
+            a.measure_model_size, a.tp, schemes, a.grouped_projections, a.measure_seq_length
+        )
+        print(
+            f"\nmeasured: {a.measure_model_size} model on real TP ranks (gloo, CPU), fp32, 2 x "
+            f"{a.measure_seq_length} tokens; CommCounter, one block = 2 layers - 1 layer\n",
+            file=out,
+        )
+        print(format_measured(measured), file=out)
+        for n in notes:
+            print(f"  note: {n}", file=out)
+        rows += measured
+    if a.json is not None:
+        text = json.dumps(rows, indent=1) + "\n"
+        if to_stdout:
+            sys.stdout.write(text)
+        else:
+            atomic_write_text(a.json, text)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
