@@ -14,13 +14,14 @@ per token per block (``d`` hidden, ``f`` ffn, ``r`` CoLA rank; fwd + bwd):
                 (1.4375 at the paper's r = d/4); 18 collectives. Grouping q/k/v and gate/up changes
                 neither (the all-gathers stay one per map).
 ``bottleneck``  BOOST's layout, exact: the residual stream sharded on d, every A row-parallel on the
-                local slice and its r-wide partial sums all-reduced (forward), the conjugate all-reduce
-                at B's input (backward). The A maps that read an RMSNorm's output fold the norm's
-                per-token sum of squares into their all-reduce (one more element each: q, k, v, gate,
-                up; grouped q/k/v and gate/up carry one each). Per block and direction: plain 7
-                all-reduces of ``7 r + 5``, grouped 4 (3r+1, r, 2r+1, r) of ``7 r + 2``. Ring bytes
-                ``(t-1)/t · (28 r + 20)`` (grouped ``+ 8``): ratio ``1.75 r/d`` + a few scalars, 0.875 at
-                r = d/4.
+                local slice and its r-wide partial sums all-reduced (forward), σ on the full r, and the
+                conjugate all-reduce of the r-wide gradient at B's input (backward). The A maps that
+                read an RMSNorm's output fold the norm's per-token sum of squares into their forward
+                all-reduce (one more element each: q, k, v, gate, up; grouped q/k/v and gate/up carry
+                one each); its gradient needs no collective (the global RMS is replicated). Per block:
+                forward plain 7 all-reduces of ``7 r + 5`` in all, grouped 4 (3r+1, r, 2r+1, r) of
+                ``7 r + 2``; backward as many of ``7 r``. Ring bytes ``(t-1)/t · 2 (14 r + 5)`` (grouped
+                ``+ 2``): ratio ``(14 r + 5) / 4 d``, 0.8756 at 1B and 0.8753 at 7B (r = d/4).
 ``naive``       CoLA with every layer split over r alone (A column-, B row-parallel): all-reduce of each
                 layer's output (fwd) and input gradient (bwd, shared by q/k/v and by gate/up):
                 ``5d + 2f`` + ``3d + f`` all-reduced elements, and attention / SwiGLU replicated on every
@@ -90,13 +91,13 @@ def _default_scheme(args: ModelArgs) -> str:
     return "dense" if args.full_rank else "split-rank"
 
 
-def _bottleneck_direction(args: ModelArgs) -> CommVolume:
-    """One direction of a bottleneck block: an r-wide all-reduce per A output (grouped: per group),
-    one more element per all-reduce that carries an RMSNorm's sum of squares."""
+def _bottleneck_volume(args: ModelArgs) -> tuple[CommVolume, CommVolume]:
+    """A bottleneck block's ``(forward, backward)``: an all-reduce per A output (grouped: per group),
+    forward with one more element per all-reduce that carries an RMSNorm's sum of squares."""
     r = args.cola_rank
     if args.grouped_projections:  # [q k v]+ss, o, [gate up]+ss, down
-        return CommVolume(all_reduce=(3 * r + 1) + r + (2 * r + 1) + r, collectives=4)
-    return CommVolume(all_reduce=3 * (r + 1) + r + 2 * (r + 1) + r, collectives=7)
+        return CommVolume(all_reduce=7 * r + 2, collectives=4), CommVolume(all_reduce=7 * r, collectives=4)
+    return CommVolume(all_reduce=7 * r + 5, collectives=7), CommVolume(all_reduce=7 * r, collectives=7)
 
 
 def block_comm_volume(
@@ -111,7 +112,7 @@ def block_comm_volume(
     check_recompute_mode(recompute)
     d, f, r = args.hidden_size, args.ffn_hidden_size, args.cola_rank
     if scheme == "bottleneck":
-        fwd = bwd = _bottleneck_direction(args)
+        fwd, bwd = _bottleneck_volume(args)
         # Full recompute re-runs every forward all-reduce: the last one (down's A) feeds down's B, whose
         # saved input the recomputation must rebuild. CoLA-M keeps the all-reduced A outputs: none.
         return fwd, (bwd + fwd if recompute == "full" else bwd)

@@ -15,6 +15,7 @@ Used by ``tools/comm_bytes.py --measure``, ``tools/bench_tp.py`` and tests/test_
 
 from __future__ import annotations
 
+import importlib
 import inspect
 import json
 import os
@@ -43,26 +44,37 @@ def _takes_scheme() -> bool:
     return "scheme" in inspect.signature(apply_tensor_parallel).parameters
 
 
+def _parallelize() -> Callable[..., CoLALlama] | None:
+    """``parallel.parallelize.parallelize`` (TP, then recompute, then compile) where this build has it."""
+    try:
+        module = importlib.import_module("megatron_cola.parallel.parallelize")
+    except ImportError:
+        return None
+    return getattr(module, "parallelize", None)
+
+
 def implemented_schemes() -> tuple[str, ...]:
     """The CoLA tensor-parallel schemes ``apply_tensor_parallel`` implements in this build."""
     return COLA_TP_SCHEMES if _takes_scheme() else ("split-rank",)
 
 
 def apply_scheme(model: CoLALlama, state: ParallelState, scheme: str) -> CoLALlama:
-    """``apply_tensor_parallel(model, state, scheme=scheme)``; ``dense`` needs a full-rank model (which
-    every scheme splits the dense way)."""
+    """Tensor parallelism under ``scheme`` as a training run applies it (``parallelize``: TP, then the
+    model's recompute mode, where this build has it; else ``apply_tensor_parallel``). ``dense`` needs a
+    full-rank model (which every scheme splits the dense way)."""
     scheme = canonical_scheme(scheme)
+    kind = "full-rank" if model.args.full_rank else "CoLA"
     if (scheme == "dense") != model.args.full_rank:
-        raise ValueError(
-            f"scheme {scheme!r} does not apply to a {'full-rank' if model.args.full_rank else 'CoLA'} model"
-        )
-    if scheme == "dense" or (scheme == "split-rank" and not _takes_scheme()):
-        return apply_tensor_parallel(model, state)
-    if scheme not in implemented_schemes():
+        raise ValueError(f"TP scheme {scheme!r} does not apply to a {kind} model")
+    if scheme != "dense" and scheme not in implemented_schemes():
         raise ValueError(
             f"TP scheme {scheme!r} is not implemented in this build; have {list(implemented_schemes())}"
         )
-    return apply_tensor_parallel(model, state, scheme=scheme)  # type: ignore[call-arg]
+    kwargs = {"scheme": scheme} if scheme != "dense" and _takes_scheme() else {}
+    parallelize = _parallelize()
+    if parallelize is not None:
+        return parallelize(model, state, **kwargs)
+    return apply_tensor_parallel(model, state, **kwargs)
 
 
 @dataclass(frozen=True)
