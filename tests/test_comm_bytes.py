@@ -55,7 +55,10 @@ def test_cola_m_kept_per_rank() -> None:
     args = ModelArgs.from_size("7B")
     d, r = args.hidden_size, args.cola_rank
     assert cola_m_kept_per_rank(args, 4, "split-rank") == 2 * d + 7 * r / 4
-    assert cola_m_kept_per_rank(args, 4, "bottleneck") == 2 * d / 4 + 7 * r
+    assert cola_m_kept_per_rank(args, 4, "bottleneck") == 2 * d / 4 + 7 * r + 5  # + norms' sums of squares
+    assert (
+        cola_m_kept_per_rank(args.replace(grouped_projections=True), 4, "bottleneck") == 2 * d / 4 + 7 * r + 2
+    )
     # At r = d/4 bottleneck keeps less per rank from t = 2 on: 2d/t + 1.75d < 2d + 1.75d/t.
     for t in (2, 4, 8):
         assert cola_m_kept_per_rank(args, t, "bottleneck") < cola_m_kept_per_rank(args, t, "split-rank")

@@ -137,15 +137,16 @@ def saved_activations_of(
 def cola_m_kept_per_rank(args: ModelArgs, tp_size: int, scheme: str = "split-rank") -> float:
     """Elements per token per layer CoLA-M keeps on each rank under a tensor-parallel ``scheme``.
 
-    The residual entering each half-block (2 tensors of d) and the seven A outputs (rank r): split-rank
-    replicates the residual and shards the A outputs (``2 d + 7 r/t``); bottleneck shards the residual
-    on d and keeps the all-reduced A outputs whole, so its recomputation needs no collective
-    (``2 d/t + 7 r``). Grouped projections keep the same elements in fewer tensors."""
+    The residual entering each half-block (2 tensors of d) and the seven A outputs (rank r). Split-rank
+    replicates the residual and shards the A outputs: ``2 d + 7 r/t``. Bottleneck shards the residual on
+    d and keeps the all-reduced A outputs whole, so its recomputation needs no collective: ``2 d/t + 7 r``,
+    plus the RMSNorm sum of squares each kept all-reduce of q, k, v, gate and up carries (5 elements; 2
+    when q/k/v and gate/up are grouped). Grouping keeps the same A elements in fewer tensors."""
     if args.full_rank:
         raise ValueError("CoLA-M needs a CoLA model (full_rank=False)")
     d, r, t = args.hidden_size, args.cola_rank, tp_size
     if scheme in ("split-rank", "cola"):  # cola: split-rank's old name
         return 2 * d + 7 * r / t
     if scheme == "bottleneck":
-        return 2 * d / t + 7 * r
+        return 2 * d / t + 7 * r + (2 if args.grouped_projections else 5)
     raise ValueError(f"CoLA-M under TP scheme {scheme!r} is not modelled; use split-rank or bottleneck")
