@@ -68,12 +68,29 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         "--measure-model-size", default="debug", help="model measured by --measure (default debug)"
     )
     p.add_argument("--measure-seq-length", type=int, default=16, help="tokens per sequence (2 sequences)")
+    p.add_argument(
+        "--measure-recompute",
+        nargs="+",
+        choices=["none", "full", "cola-m"],
+        default=["none", "cola-m"],
+        help="recompute modes measured (dense: cola-m is measured as full)",
+    )
+    p.add_argument(
+        "--measure-vocab-size", type=int, default=None, help="default: the size's (no effect per block)"
+    )
+    p.add_argument(
+        "--measure-ffn-hidden-size",
+        type=int,
+        default=None,
+        help="default: the size's (1B's 5461 divides by no t)",
+    )
     a = p.parse_args(argv)
-    for size in [*a.model_size, a.measure_model_size]:
-        try:
+    try:
+        for size in a.model_size:
             ModelArgs.from_size(size)
-        except ValueError as e:
-            p.error(str(e))
+        measure_args(a)
+    except ValueError as e:
+        p.error(str(e))
     if any(t < 1 for t in a.tp):
         p.error(f"--tp sizes must be >= 1, got {a.tp}")
     if a.measure_seq_length < 1:
@@ -81,22 +98,38 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     return a
 
 
+def measure_args(a: argparse.Namespace) -> ModelArgs:
+    """The model ``--measure`` runs (``--measure-model-size`` with its overrides)."""
+    overrides: dict[str, Any] = {"grouped_projections": a.grouped_projections}
+    if a.measure_vocab_size:
+        overrides["vocab_size"] = a.measure_vocab_size
+    if a.measure_ffn_hidden_size:
+        overrides["ffn_hidden_size"] = a.measure_ffn_hidden_size
+    return ModelArgs.from_size(a.measure_model_size, **overrides)
+
+
 def measured_rows(
-    size: str, tp_sizes: list[int], schemes: tuple[str, ...], grouped: bool, seq_length: int
+    base: ModelArgs,
+    size: str,
+    tp_sizes: list[int],
+    schemes: tuple[str, ...],
+    seq_length: int,
+    recompute: tuple[str, ...] = ("none", "cola-m"),
 ) -> tuple[list[dict[str, Any]], list[str]]:
-    """Measured rows (one per TP × scheme × recompute none / cola-m, dense: none / full) and notes on
-    TP sizes or schemes that could not be measured."""
+    """Measured rows (one per TP × scheme × ``recompute``; dense measures ``full`` for ``cola-m``) and
+    notes on the TP sizes or schemes that could not be measured."""
     from megatron_cola.parallel.measure import Case, implemented_schemes, measure_tp
 
-    base = ModelArgs.from_size(size, grouped_projections=grouped)
+    grouped = base.grouped_projections
     notes = [
         f"scheme {s} is not implemented in this build: not measured"
         for s in schemes
         if s not in implemented_schemes()
     ]
     schemes = tuple(s for s in schemes if s in implemented_schemes())
-    cases = [Case(s, r, grouped) for s in schemes for r in ("none", "cola-m")]
-    cases += [Case("dense", r, grouped) for r in ("none", "full")]
+    cases = [Case(s, r, grouped) for s in schemes for r in recompute]
+    dense_modes = dict.fromkeys("full" if r == "cola-m" else r for r in recompute)
+    cases += [Case("dense", r, grouped) for r in dense_modes]
     rows: list[dict[str, Any]] = []
     for t in tp_sizes:
         try:
@@ -185,11 +218,13 @@ def main(argv: list[str] | None = None) -> int:
             except ValueError as e:
                 print(f"  note, {size} TP={t}: {e}", file=out)
     if a.measure:
+        base = measure_args(a)
         measured, notes = measured_rows(
-            a.measure_model_size, a.tp, schemes, a.grouped_projections, a.measure_seq_length
+            base, a.measure_model_size, a.tp, schemes, a.measure_seq_length, tuple(a.measure_recompute)
         )
         print(
-            f"\nmeasured: {a.measure_model_size} model on real TP ranks (gloo, CPU), fp32, 2 x "
+            f"\nmeasured: {a.measure_model_size} model (d {base.hidden_size}, r {base.cola_rank}, ffn "
+            f"{base.ffn_hidden_size}, vocab {base.vocab_size}) on real TP ranks (gloo, CPU), fp32, 2 x "
             f"{a.measure_seq_length} tokens; CommCounter, one block = 2 layers - 1 layer\n",
             file=out,
         )

@@ -108,7 +108,11 @@ def measure_case(
     tokens, labels = batch(args.vocab_size, bsz, seq_length)
     runs = []
     for layers in (1, 2):
-        model = apply_scheme(CoLALlama(args.replace(num_layers=layers), seed=1), state, case.scheme)
+        with torch.device("meta"):  # each rank draws only its shards (a 7B block fits any TP size)
+            model = CoLALlama(args.replace(num_layers=layers))
+        model = apply_scheme(model, state, case.scheme)
+        model.to_empty(device="cpu")
+        model.init_weights(1)
         with CommCounter() as counter:
             model(tokens, labels).backward()
         runs.append((counter.total_bytes / tokens.numel(), len(counter.records)))
