@@ -18,7 +18,6 @@ from megatron_cola.data.indexed_dataset import (
     index_file_path,
 )
 from megatron_cola.data.samplers import PretrainingSampler
-from megatron_cola.data.token_checks import check_token_ids
 from megatron_cola.data.tokenizers import (
     AbstractTokenizer,
     HuggingFaceTokenizer,
@@ -46,7 +45,6 @@ __all__ = [
     "build_tokenizer",
     "build_train_valid_test_datasets",
     "check_dataset_files",
-    "check_token_ids",
     "data_file_path",
     "index_file_path",
     "parse_data_path",

@@ -1,6 +1,6 @@
 """Command-line arguments of ``pretrain_cola.py``, with Megatron-LM's flag names, and their validation.
 
-``build_train_config`` (alias ``validate_args``) checks everything that can be checked before any
+``build_train_config`` checks everything that can be checked before any
 process-group work and returns the frozen ``TrainConfig``; the parsed ``Namespace`` is never modified.
 Each message says what to change.
 """
@@ -18,7 +18,6 @@ from megatron_cola.data.tokenizers import TOKENIZER_TYPES
 from megatron_cola.errors import ConfigError
 from megatron_cola.model.compile import COMPILE_MODES
 from megatron_cola.parallel.sizes import check_tensor_parallel_size
-from megatron_cola.parallel.transform import pad_vocab_size  # noqa: F401  (re-exported)
 from megatron_cola.training.train_config import TrainConfig
 
 
@@ -408,10 +407,6 @@ def build_train_config(args: argparse.Namespace, world_size: int | None = None) 
     _model_args(v, None)  # the model's own checks, before any process-group work
     v["data_path"] = tuple(v["data_path"])
     return TrainConfig(**v)
-
-
-#: The name tests and older callers use.
-validate_args = build_train_config
 
 
 def _check_batch_and_parallel(v: dict[str, Any]) -> None:

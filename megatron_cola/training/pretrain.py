@@ -23,12 +23,11 @@ import torch.distributed as dist
 
 from megatron_cola.data.tokenizers import AbstractTokenizer
 from megatron_cola.errors import DataError, MegatronColaError
-from megatron_cola.parallel.sizes import check_tensor_parallel_size
+from megatron_cola.parallel.sizes import check_tensor_parallel_size, pad_vocab_size
 from megatron_cola.training.arguments import (
     ArgumentError,
     build_train_config,
     model_args_from,
-    pad_vocab_size,
     parse_args,
 )
 from megatron_cola.training.engine import use_deepspeed_accelerator
