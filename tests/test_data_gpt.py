@@ -18,6 +18,7 @@ from megatron_cola.data import (
     MMapIndexedDataset,
     blend_sizes,
     build_train_valid_test_datasets,
+    check_data_prefix,
     parse_data_path,
     parse_split,
     split_ranges,
@@ -179,6 +180,16 @@ def test_data_path_errors(prefix, tmp_path):
         build_train_valid_test_datasets(
             ["1", prefix, "1", str(tmp_path / "nope")], "1", 8, (10, 0, 0), seed=1
         )
+    # the prefix that exists is named: given with .bin, or another key's dataset beside it
+    with pytest.raises(DataError, match=rf"'{prefix}\.bin': missing .*; did you mean {prefix}\?"):
+        check_data_prefix(prefix + ".bin")
+    content = _make_prefix(tmp_path, "web_content_document", 3, seed=2)
+    with pytest.raises(DataError, match=rf"did you mean {content}\?"):
+        check_data_prefix(str(tmp_path / "web"))
+    with pytest.raises(
+        DataError, match=r"'.*nope': missing .*nope\.idx, .*nope\.bin; give the prefix without ext"
+    ):
+        check_data_prefix(str(tmp_path / "nope"))
     tiny = _make_prefix(tmp_path, "tiny", 3, seed=1)
     with pytest.raises(ValueError, match="valid split has no documents"):
         build_train_valid_test_datasets([tiny], "98,2,0", 8, (10, 10, 0), seed=1)
