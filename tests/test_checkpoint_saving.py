@@ -166,7 +166,7 @@ def test_convert_to_hf_never_replaces_the_checkpoint_it_reads(tmp_path: Path) ->
             from megatron_cola.convert.export import export_checkpoint
 
             export_checkpoint(str(ckpt), str(save), overwrite=True)
-        assert convert_to_hf.main(["--load", str(ckpt), "--save", str(save), "--overwrite"]) == 1
+        assert convert_to_hf.main(["--load", str(ckpt), "--save", str(save), "--overwrite"]) == 2
     assert sorted(p.name for p in d.iterdir()) == before
     # --overwrite replaces only an HF export.
     other = tmp_path / "notes"
