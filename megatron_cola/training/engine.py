@@ -13,7 +13,7 @@ from megatron_cola.model import CoLALlama
 from megatron_cola.parallel import ParallelState
 from megatron_cola.training.ds_config import build_ds_config
 from megatron_cola.training.logging_utils import print_rank_0
-from megatron_cola.training.schedule import build_scheduler
+from megatron_cola.training.schedule import Schedule, build_scheduler
 from megatron_cola.training.train_config import TrainConfig
 
 
@@ -145,9 +145,7 @@ def build_engine(
 
     model = compile_model(cfg, model)
     optimizer = build_optimizer(cfg, model, device)
-    scheduler = build_scheduler(
-        optimizer, cfg.lr, cfg.min_lr, cfg.lr_warmup_iters, cfg.lr_decay_iters, cfg.lr_decay_style
-    )
+    scheduler = build_scheduler(optimizer, Schedule.from_values(cfg.to_dict()))
     ds_config = build_ds_config(cfg, device.type)
     engine, _, _, _ = deepspeed.initialize(
         model=model, optimizer=optimizer, lr_scheduler=scheduler, config=ds_config, mpu=parallel.mpu()
