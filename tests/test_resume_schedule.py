@@ -128,6 +128,7 @@ def test_lr_schedule_state_round_trip_and_old_lambda_lr_state() -> None:
 _ENGINE_RESUME = """
 import sys, torch
 from megatron_cola.checkpoint import CheckpointReader
+from megatron_cola.checkpoint.deepspeed_state import peek_client_state
 from megatron_cola.parallel import ParallelState
 from megatron_cola.training.arguments import build_train_config, model_args_from, parse_args
 from megatron_cola.training.checkpointing import load_checkpoint, save_checkpoint
@@ -154,10 +155,15 @@ for name, extra in [
     ("no-load-optim", ["--no-load-optim"]),
     ("override", ["--override-opt-param-scheduler", "--lr", "1e-3", "--lr-warmup-iters", "0"]),
 ]:
-    cfg, model_args, engine, scheduler = engine_for("--train-iters", "8", "--load", save_dir, *extra)
+    resave = f"{save_dir}-{name}"
+    resume = ["--train-iters", "8", "--load", save_dir, "--save", resave, *extra]
+    cfg, model_args, engine, scheduler = engine_for(*resume)
     load_checkpoint(engine, cfg, model_args, CheckpointReader(save_dir))
     lrs = sorted({g["lr"] for g in engine.optimizer.param_groups})
     print(f"RESULT {name} {scheduler.last_epoch} {' '.join(repr(x) for x in lrs)}", flush=True)
+    save_checkpoint(engine, cfg, model_args, parallel, 4, 64, None, 256, {})  # records the schedule in effect
+    recorded = peek_client_state(CheckpointReader(resave))[0]["args"]
+    print(f"RECORDED {name}", recorded["lr"], recorded["lr_decay_iters"], recorded["train_iters"], flush=True)
 """
 
 
@@ -166,7 +172,7 @@ def test_engine_resume_sets_the_schedule_after_loading(synthetic_prefix: str, tm
     """The learning rate the first resumed step runs at (read from the optimizer DeepSpeed steps) is the
     schedule's: the checkpoint's by default and with ``--no-load-optim`` (before the fix, that one ran at
     step 0's warm-up learning rate), the flags' with ``--override-opt-param-scheduler``; ``--train-iters``
-    6 -> 8 is not refused."""
+    6 -> 8 is not refused; the next checkpoint records the schedule in effect."""
     proc = subprocess.run(
         [sys.executable, "-c", _ENGINE_RESUME, str(tmp_path / "ckpt"), *synthetic_args(synthetic_prefix)],
         env=dist_env(), cwd=ROOT, capture_output=True, text=True, timeout=300,
@@ -181,5 +187,14 @@ def test_engine_resume_sets_the_schedule_after_loading(synthetic_prefix: str, tm
     assert results["default"] == (4, [pytest.approx(kept)])
     assert results["no-load-optim"] == (4, [pytest.approx(kept)])
     assert results["override"] == (4, [pytest.approx(lr_at(4, 1e-3, 1e-4, 0, 8))])
+    # The next checkpoint records the schedule in effect (and the new loop length).
+    recorded = {
+        line.split()[1]: line.split()[2:] for line in proc.stdout.splitlines() if line.startswith("RECORDED ")
+    }
+    assert recorded == {
+        "default": ["0.003", "6", "8"],
+        "no-load-optim": ["0.003", "6", "8"],
+        "override": ["0.001", "8", "8"],
+    }
     assert "> lr schedule: from the checkpoint (--lr 0.003 --min-lr 0.0003 --lr-warmup-iters 2" in proc.stdout
     assert "--train-iters was 6, now 8: iterations 7-8 run past" in proc.stdout

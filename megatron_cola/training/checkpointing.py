@@ -293,7 +293,8 @@ def save_checkpoint(
     client_state = {
         "iteration": iteration,
         "consumed_samples": consumed_samples,
-        "args": recorded_flags(cfg),
+        # The LR schedule in effect: after a resume, the checkpoint's unless --override-opt-param-scheduler.
+        "args": {**recorded_flags(cfg), **engine.lr_scheduler.schedule.values()},
         "model_args": model_args.to_dict(),
         "world_size": cfg.world_size,
         "zero_stage": cfg.zero_stage,

@@ -10,7 +10,6 @@ is printed, an evaluation runs or a checkpoint is written.
 from __future__ import annotations
 
 import contextlib
-import dataclasses
 import math
 import os
 import random
@@ -86,7 +85,6 @@ class Trainer:
         print_rank_0(self._banner())
         self.lock = checkpointing.lock_save_dir(cfg)  # before anything reads or writes --save
         self._build_engine()
-        cfg = self.cfg  # with the resumed schedule
         self.history["start_iteration"] = self.iteration
         self.train_ds, self.valid_ds, self.test_ds = build_datasets(
             cfg, self.tokenizer.vocab_size, self.tokenizer.eod
@@ -156,9 +154,6 @@ class Trainer:
             self.iteration, self.consumed_samples, self.data_history = checkpointing.load_checkpoint(
                 self.engine, cfg, self.model_args, reader
             )
-            # The schedule in effect (the checkpoint's unless --override-opt-param-scheduler) is the run's
-            # from now on: the next checkpoint records it.
-            self.cfg = dataclasses.replace(self.cfg, **self.scheduler.schedule.values())
             print_rank_0(f"> resumed from {reader.dir} at iteration {self.iteration}")
         # Only now, with every check passed, is anything written into --save.
         checkpointing.move_skipped_aside(cfg, sel)
