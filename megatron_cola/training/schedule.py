@@ -72,6 +72,7 @@ class Schedule:
         )
 
     def values(self) -> dict[str, Any]:
+        """The five values by flag ``dest`` (what a checkpoint records)."""
         return dataclasses.asdict(self)
 
     def lr_at(self, iteration: int) -> float:
