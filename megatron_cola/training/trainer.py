@@ -89,17 +89,18 @@ class Trainer:
         )
         for line in describe_datasets(self.train_ds, self.valid_ds, self.test_ds):
             print_rank_0(line)
+        self.train_iter = None
+        if self.iteration < cfg.train_iters:
+            self.train_iter = iter(make_loader(cfg, self.train_ds, self.consumed_samples, self.parallel))
+        data_seconds = time.time() - start
         self.metrics = TrainingMetrics.for_run(
             cfg, self.model_args, self.parallel, self.device, self.optimizer_name
         )
         self.guard = RunGuard(cfg, self.engine, self.device, self.signals, self.start_time)
         self.split_dims = self._split_dims()
-        self.train_iter = None
-        if self.iteration < cfg.train_iters:
-            self.train_iter = iter(make_loader(cfg, self.train_ds, self.consumed_samples, self.parallel))
         print_rank_0(
             f"> time to initialize (seconds): {time.time() - self.start_time:.3f} (model, optimizer and "
-            f"engine: {engine_seconds:.3f}, datasets: {time.time() - start:.3f})"
+            f"engine: {engine_seconds:.3f}, datasets: {data_seconds:.3f})"
         )
 
     def _start_watchdog(self) -> None:
