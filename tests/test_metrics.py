@@ -254,3 +254,34 @@ def test_guard_skips_non_finite_steps_without_touching_the_state(
     assert [r["skipped"] for r in records] == [False, True, False, True, True]
     assert "WARNING" not in capsys.readouterr().out  # skipped steps are not "applied with a NaN loss"
     metrics.close()
+
+
+def test_guarded_optimizer_is_the_wrapped_optimizer_but_for_a_held_step() -> None:
+    """Same parameter groups, state and state dict as the AdamW it wraps (checkpoints do not change);
+    a held step leaves the weights and moments alone and says so in ``overflow``, once."""
+    from megatron_cola.training.guards import GuardedOptimizer
+
+    weight = torch.nn.Parameter(torch.ones(3))
+    inner = torch.optim.AdamW([weight], lr=0.1)
+    guarded = GuardedOptimizer(inner)
+    assert guarded.param_groups is inner.param_groups and guarded.state is inner.state
+    assert isinstance(guarded, torch.optim.Optimizer) and guarded.defaults is inner.defaults
+
+    def step() -> None:
+        weight.grad = torch.full((3,), 0.5)
+        guarded.step()
+        guarded.zero_grad()
+
+    step()
+    assert not guarded.overflow and weight.grad is None
+    before = (weight.detach().clone(), {k: v.clone() for k, v in inner.state[weight].items()})
+    guarded.hold_next_step()
+    step()
+    assert guarded.overflow and torch.equal(weight, before[0])
+    assert all(torch.equal(v, before[1][k]) for k, v in inner.state[weight].items())
+    step()  # the hold was for one step only
+    assert not guarded.overflow and not torch.equal(weight, before[0])
+    assert guarded.state_dict() == inner.state_dict()
+    fresh = torch.optim.AdamW([torch.nn.Parameter(torch.ones(3))], lr=0.1)
+    GuardedOptimizer(fresh).load_state_dict(inner.state_dict())
+    assert fresh.state_dict()["state"][0]["step"] == inner.state_dict()["state"][0]["step"] == 2
