@@ -73,6 +73,18 @@ def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item
             item.add_marker(pytest.mark.slow)
 
 
+@pytest.fixture(autouse=True)
+def _restore_functional_linear() -> Any:
+    """DeepSpeed's ZeRO-3 ``zero.Init`` replaces ``torch.nn.functional.linear`` for the rest of the
+    process ("This will persist unless manually reset"): put it back after every test, so that a test
+    building a ZeRO-3 engine in-process does not change the GEMMs of the tests after it."""
+    import torch
+
+    linear = torch.nn.functional.linear
+    yield
+    torch.nn.functional.linear = linear
+
+
 def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
