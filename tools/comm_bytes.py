@@ -1,4 +1,4 @@
-#!/usr/bin/env python
+#!/usr/bin/env python3
 """Tensor-parallel communication per token per block: the CoLA schemes vs Megatron's dense TP.
 
     python tools/comm_bytes.py --model-size 1B 7B --tp 2 4 8 [--cola-tp-scheme all] [--json FILE]
