@@ -35,6 +35,7 @@ from megatron_cola.parallel.comm import (
     format_comm_table,
     outside_blocks_volume,
 )
+from megatron_cola.parallel.measure import Case, implemented_schemes, measure_tp
 from megatron_cola.parallel.sizes import check_tensor_parallel_size
 
 DTYPE_BYTES = {"bf16": 2, "fp16": 2, "fp32": 4}
@@ -118,8 +119,6 @@ def measured_rows(
 ) -> tuple[list[dict[str, Any]], list[str]]:
     """Measured rows (one per TP × scheme × ``recompute``; dense measures ``full`` for ``cola-m``) and
     notes on the TP sizes or schemes that could not be measured."""
-    from megatron_cola.parallel.measure import Case, implemented_schemes, measure_tp
-
     grouped = base.grouped_projections
     notes = [
         f"scheme {s} is not implemented in this build: not measured"
