@@ -93,7 +93,7 @@ class ModelArgs:
 
         Keyword overrides replace single fields, e.g. ``from_size("1B", cola_rank=256, vocab_size=50304)``.
         """
-        key = _lookup_size(name)
+        key = lookup_size(name)
         size = SIZES[key]
         fields = dict(
             hidden_size=size.hidden_size,
@@ -201,7 +201,8 @@ class ModelArgs:
             raise ValueError(f"ModelArgs.max_seq_length must be positive, got {self.max_seq_length}")
 
 
-def _lookup_size(name: str) -> str:
+def lookup_size(name: str) -> str:
+    """The ``SIZES`` key of ``name`` (case-insensitive); ``ValueError`` naming the allowed sizes."""
     for key in SIZES:
         if key.lower() == str(name).lower():
             return key
