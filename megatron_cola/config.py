@@ -12,6 +12,8 @@ from dataclasses import dataclass
 from typing import Any
 
 ACTIVATIONS = ("silu", "gelu", "relu", "tanh", "identity")
+COMPILE_MODES = ("default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs")
+"""The ``torch.compile`` modes of ``--compile-mode`` (``model/compile.py``)."""
 RECOMPUTE_CHOICES = ("none", "full", "cola-m")
 """The activation-recomputation modes (``ModelArgs.recompute``, ``--recompute``); the one list of them."""
 EXECUTION_FIELDS = ("recompute", "grouped_projections", "chunked_loss")

@@ -13,6 +13,7 @@ import dataclasses
 import json
 import math
 import os
+import sys
 from typing import Any
 
 from megatron_cola.config import SIZES, ModelArgs, lookup_size
@@ -20,13 +21,25 @@ from megatron_cola.data.builder import parse_data_path
 from megatron_cola.errors import ConfigError
 from megatron_cola.parallel.sizes import check_tensor_parallel_size
 from megatron_cola.parallel.transform import pad_vocab_size  # noqa: F401  (re-exported)
+from megatron_cola.training.recipe import apply_recipe
 from megatron_cola.training.train_config import (
     DEFAULT_CLIP_GRAD,
     DEFAULT_ZERO_STAGE,
+    SHAPE_OVERRIDES,
     AcceptedFlags,
     TrainConfig,
-    add_flags,
+    build_parser,
+    given_flags,
 )
+
+__all__ = [
+    "ArgumentError",
+    "build_parser",
+    "build_train_config",
+    "given_flags",
+    "model_args_from",
+    "parse_args",
+]
 
 #: Parsed flags that ``TrainConfig`` does not keep (``AcceptedFlags``).
 _NOT_KEPT = tuple(f.name for f in dataclasses.fields(AcceptedFlags))
@@ -34,17 +47,6 @@ _NOT_KEPT = tuple(f.name for f in dataclasses.fields(AcceptedFlags))
 
 class ArgumentError(ConfigError):
     """A flag is missing, malformed or contradicts another; the message says what to change."""
-
-
-def build_parser() -> argparse.ArgumentParser:
-    """The parser of ``pretrain_cola.py``, generated from ``TrainConfig``'s fields (``train_config.py``)."""
-    p = argparse.ArgumentParser(
-        prog="pretrain_cola.py",
-        description="Pre-train a CoLA (or full-rank LLaMA) model with DeepSpeed. Flags follow Megatron-LM.",
-        allow_abbrev=False,
-    )
-    add_flags(p)
-    return p
 
 
 def _check_run_time_guards(v: dict[str, Any]) -> None:
@@ -118,10 +120,11 @@ def world_size_from_env() -> int:
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
-    return build_parser().parse_args(argv)
-
-
-_MODEL_OVERRIDES = ("cola_rank", "hidden_size", "ffn_hidden_size", "num_layers", "num_attention_heads")
+    """Parse ``argv``; with ``--config FILE`` the recipe's values are the defaults the flags override."""
+    argv = sys.argv[1:] if argv is None else list(argv)
+    parser = build_parser()
+    apply_recipe(parser, argv)
+    return parser.parse_args(argv)
 
 
 def model_args_from(cfg: TrainConfig, vocab_size: int | None) -> ModelArgs:
@@ -138,7 +141,7 @@ def _model_args(v: dict[str, Any], vocab_size: int | None) -> ModelArgs:
     overrides.update(grouped_projections=v["grouped_projections"], chunked_loss=v["chunked_loss"])
     if vocab_size is not None:
         overrides["vocab_size"] = vocab_size
-    overrides.update({f: v[f] for f in _MODEL_OVERRIDES if v[f] is not None})
+    overrides.update({f: v[f] for f in SHAPE_OVERRIDES if v[f] is not None})
     try:
         return ModelArgs.from_size(v["model_size"], full_rank=v["full_rank"], **overrides)
     except ValueError as e:

@@ -21,9 +21,8 @@ from collections.abc import Iterator, Mapping
 from dataclasses import dataclass
 from typing import Any
 
-from megatron_cola.config import RECOMPUTE_CHOICES, SIZES
+from megatron_cola.config import COMPILE_MODES, RECOMPUTE_CHOICES, SIZES
 from megatron_cola.data.tokenizers import TOKENIZER_TYPES
-from megatron_cola.model.compile import COMPILE_MODES
 
 #: ZeRO stage and gradient clip when neither a flag nor ``--deepspeed_config`` sets them.
 DEFAULT_ZERO_STAGE = 1
@@ -59,7 +58,7 @@ def flag(
     return dataclasses.field(default=default, metadata={"flag": spec, "help": help})
 
 
-def _flag_kwargs(field: dataclasses.Field) -> tuple[list[str], dict[str, Any]]:
+def flag_kwargs(field: dataclasses.Field) -> tuple[list[str], dict[str, Any]]:
     spec: Flag = field.metadata["flag"]
     names = list(spec.names) or [f"--{field.name.replace('_', '-')}"]
     kw: dict[str, Any] = {"dest": field.name, "default": field.default}
@@ -105,6 +104,10 @@ class ModelConfig:
     make_vocab_size_divisible_by: int = flag(
         128, "pad the tokenizer's vocab to a multiple of this (times the TP size) for the embedding/head"
     )
+
+
+#: ``ModelConfig`` fields that override the named size's shapes (``ModelArgs.from_size``'s overrides).
+SHAPE_OVERRIDES = ("cola_rank", "hidden_size", "ffn_hidden_size", "num_layers", "num_attention_heads")
 
 
 @dataclass(frozen=True)
@@ -407,5 +410,45 @@ def add_flags(parser: argparse.ArgumentParser) -> None:
         if section not in groups:
             title = "other" if section == "accepted" else section
             groups[section] = parser.add_argument_group(title)
-        names, kw = _flag_kwargs(f)
+        names, kw = flag_kwargs(f)
         groups[section].add_argument(*names, **kw)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    """The parser of ``pretrain_cola.py``, generated from the fields above."""
+    p = argparse.ArgumentParser(
+        prog="pretrain_cola.py",
+        description="Pre-train a CoLA (or full-rank LLaMA) model with DeepSpeed. Flags follow Megatron-LM.",
+        allow_abbrev=False,
+    )
+    add_flags(p)
+    return p
+
+
+def given_flags(argv: list[str]) -> dict[str, Any]:
+    """The values of the flags ``argv`` gives itself (by ``dest``), without defaults or recipe values."""
+    parser = build_parser()
+    for action in parser._actions:
+        action.default = argparse.SUPPRESS
+    return dict(vars(parser.parse_args(argv)))
+
+
+def format_flags(values: Mapping[str, Any]) -> str:
+    """``{dest: value}`` as the flags that give them (``--num-layers 4 --full-rank``)."""
+    words = []
+    for dest, value in values.items():
+        name = "--" + dest.replace("_", "-")
+        if value is True:
+            words.append(name)
+        elif value is False:
+            words.append(f"--no-{name[2:]}" if dest in _BOOLEAN_OPTIONAL else name)
+        elif isinstance(value, list | tuple):
+            words.append(" ".join([name, *map(str, value)]))
+        else:
+            words.append(f"{name} {value}")
+    return " ".join(words)
+
+
+_BOOLEAN_OPTIONAL = {
+    f.name for _, f in flag_fields() if f.metadata["flag"].action is argparse.BooleanOptionalAction
+}

@@ -10,6 +10,7 @@ is printed, an evaluation runs or a checkpoint is written.
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import math
 import os
 import random
@@ -44,7 +45,7 @@ from megatron_cola.training.logging_utils import (
     print_rank_0,
 )
 from megatron_cola.training.step_log import StepLog
-from megatron_cola.training.train_config import TrainConfig
+from megatron_cola.training.train_config import SHAPE_OVERRIDES, TrainConfig, format_flags
 from megatron_cola.training.watchdog import Watchdog, gather_peers, straggler_line
 
 
@@ -117,9 +118,14 @@ class Trainer:
 
     def _banner(self) -> str:
         cfg, p = self.cfg, self.parallel
+        # Name what runs: the size, and the flags that change its shapes (the count is the real one).
+        shape = {
+            k: v for k, v in dataclasses.asdict(cfg.model).items() if k in SHAPE_OVERRIDES and v is not None
+        }
+        overrides = f"overrides: {format_flags(shape)}; " if shape else ""
         return (
             f"> Megatron-CoLA: {cfg.model_size} {'full rank' if self.model_args.full_rank else 'CoLA'} "
-            f"({self.model_args.num_params() / 1e6:.1f}M params), world {cfg.world_size} = "
+            f"({overrides}{self.model_args.num_params() / 1e6:.1f}M params), world {cfg.world_size} = "
             f"TP {p.tp_size} x DP {p.dp_size}, ZeRO-{cfg.zero_stage}, "
             f"{'bf16' if cfg.bf16 else 'fp32'}, recompute={cfg.recompute}, device={self.device.type}, "
             f"global batch {cfg.global_batch_size} = {cfg.micro_batch_size} x {p.dp_size} x "
