@@ -175,13 +175,17 @@ def format_arguments(cfg: TrainConfig, argv: list[str]) -> str:
         lines.append(f"> from the flags (defaults for the rest): {format_flags(given) or 'none given'}")
         return "\n".join(lines)
     defaults = recipe_defaults(recipe)
-    words = []
+    changed, added = [], []
     for dest, value in given.items():
         word = format_flags({dest: value})
-        if dest in defaults and defaults[dest] != value:
-            word += f" (recipe: {format_flags({dest: defaults[dest]}).split(' ', 1)[-1]})"
-        words.append(word)
-    lines.append(f"> from the recipe {recipe}; flags override or add: {', '.join(words) or 'none'}")
+        if dest not in defaults:
+            added.append(word)
+        elif defaults[dest] != value:
+            changed.append(f"{word} (recipe: {format_flags({dest: defaults[dest]}).split(' ', 1)[-1]})")
+    lines.append(
+        f"> from the recipe {recipe}; flags change: {', '.join(changed) or 'nothing'}; "
+        f"flags add: {', '.join(added) or 'nothing'}"
+    )
     return "\n".join(lines)
 
 
