@@ -304,24 +304,33 @@ def _launch_env(plan: Plan) -> dict[str, str]:
 def run(cmd: list[str], env: dict[str, str]) -> int:
     """Run the launcher as a child and return its status (``-N``: killed by signal N).
 
-    SIGTERM, SIGUSR1, SIGUSR2 and SIGHUP sent to this process are passed on to the launcher (srun and
-    torchrun relay them to the ranks). SIGINT is not: Ctrl-C reaches the launcher from the terminal
-    itself. When the launcher fails, each distinct error the ranks wrote is printed last.
+    SIGTERM, SIGUSR1, SIGUSR2, SIGHUP and SIGINT sent to this process are passed on to the launcher
+    (srun and torchrun relay them to the ranks), except SIGINT while this process group is the
+    terminal's foreground: that is Ctrl-C, which reached the launcher from the terminal itself. When the
+    launcher fails, each distinct error the ranks wrote is printed last.
     """
     with tempfile.TemporaryDirectory(prefix="megatron-cola-errors-") as errors:
         env = {**env, ERROR_DIR_VARIABLE: env.get(ERROR_DIR_VARIABLE) or errors}
         child = subprocess.Popen(cmd, env=env)
 
         def forward(signum: int, _frame: Any) -> None:
+            if signum == signal.SIGINT and _in_terminal_foreground():
+                return
             child.send_signal(signum)
 
-        for sig in (signal.SIGTERM, signal.SIGUSR1, signal.SIGUSR2, signal.SIGHUP):
+        for sig in (signal.SIGTERM, signal.SIGUSR1, signal.SIGUSR2, signal.SIGHUP, signal.SIGINT):
             signal.signal(sig, forward)
-        signal.signal(signal.SIGINT, signal.SIG_IGN)
         status = child.wait()
         if status != 0:
             report_rank_errors(env[ERROR_DIR_VARIABLE])
     return status
+
+
+def _in_terminal_foreground() -> bool:
+    try:
+        return os.tcgetpgrp(sys.stdin.fileno()) == os.getpgrp()
+    except (OSError, ValueError):
+        return False
 
 
 def report_rank_errors(directory: str) -> None:
