@@ -16,7 +16,9 @@ orphaned acts as if it got SIGTERM (``training/watchdog.py``).
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
+import io
 import os
 import shlex
 import signal
@@ -79,14 +81,15 @@ def resolve(size: str, argv: list[str], environ: Mapping[str, str] | None = None
     launcher = recipe.get("launcher", {})
     model = recipe.get("model", {})
     size_name = str(model.get("model_size", size))
-    full_rank = _flag_env(env, "FULL_RANK")
-    variant = "full" if full_rank else "cola"
     extra = shlex.split(env.get("EXTRA_ARGS", ""))
     user = [*extra, *argv]
     try:
-        given = given_flags(user)
+        with contextlib.redirect_stderr(io.StringIO()):
+            given = given_flags(user)
     except SystemExit:  # a malformed flag: pretrain_cola.py reports it
         given = {}
+    full_rank = _flag_env(env, "FULL_RANK") or bool(given.get("full_rank"))
+    variant = "full" if full_rank else "cola"
 
     flags = ["--config", str(path)]
     flags += ["--data-path", *_required(env, "DATA_PATH", launcher).split()]
@@ -99,7 +102,7 @@ def resolve(size: str, argv: list[str], environ: Mapping[str, str] | None = None
     elif env.get("ZERO_STAGE"):
         flags += ["--zero-stage", env["ZERO_STAGE"]]
     flags += _warmup(env, recipe)
-    if full_rank:
+    if _flag_env(env, "FULL_RANK"):
         flags.append("--full-rank")
     recompute = env.get("RECOMPUTE") or ("full" if full_rank and model.get("recompute") == "cola-m" else None)
     if recompute:
@@ -115,9 +118,6 @@ def resolve(size: str, argv: list[str], environ: Mapping[str, str] | None = None
     flags += ["--save-interval", env.get("SAVE_INTERVAL") or str(launcher.get("save_interval", 1000))]
     flags += ["--tensorboard-dir", env.get("TB_DIR") or os.path.join(save_dir, "tensorboard")]
     flags += user
-    for word in flags:
-        if "\0" in word:
-            raise ConfigError(f"a flag contains a NUL byte: {word!r}")
 
     notes: list[str] = []
     nnodes = _int_env(env, "NNODES", 1)

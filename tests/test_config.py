@@ -135,6 +135,7 @@ def test_save_dir_is_under_the_checkout_and_distinct_per_shape_override() -> Non
     assert launch.resolve("60m", ["--num-layers", "4", "--lr", "1e-3"], ENV).save_dir == small.save_dir
     assert launch.resolve("60m", ["--num-layers", "2"], ENV).save_dir not in (plain.save_dir, small.save_dir)
     assert launch.resolve("60m", [], {**ENV, "FULL_RANK": "1"}).save_dir.endswith("full_60M")
+    assert launch.resolve("60m", ["--full-rank"], ENV).save_dir.endswith("full_60M")
     assert launch.resolve("60m", [], {**ENV, "SAVE_DIR": "/x"}).save_dir == "/x"
     assert launch.resolve("60m", ["--save", "/y"], {**ENV, "SAVE_DIR": "/x"}).save_dir == "/y"  # last wins
 
@@ -153,6 +154,7 @@ def test_environment_knobs_become_flags() -> None:
     args = parse_args(launch.resolve("7b", ["--seed", "3"], env).flags)
     assert (args.tensor_model_parallel_size, args.zero_stage, args.lr_warmup_iters) == (2, 3, 5)
     assert args.full_rank and args.recompute == "full" and not args.exit_signal_handler and args.seed == 3
+    assert parse_args(launch.resolve("7b", ["--full-rank"], ENV).flags).recompute == "full"
     with pytest.raises(ConfigError, match="FULL_RANK must be 0 or 1"):
         launch.resolve("7b", [], {**ENV, "FULL_RANK": "yes"})
     with pytest.raises(ConfigError, match="no recipe for size '3b'"):
