@@ -178,6 +178,11 @@ def build_train_config(args: argparse.Namespace, world_size: int | None = None) 
     _check_checkpoint_reliability_flags(v)
     if v["finetune"] and not v["load"]:
         raise ArgumentError("--finetune needs --load DIR")
+    if v["override_opt_param_scheduler"] and v["use_checkpoint_opt_param_scheduler"]:
+        raise ArgumentError(
+            "--override-opt-param-scheduler (the LR schedule from the flags) and "
+            "--use-checkpoint-opt_param-scheduler (the checkpoint's) contradict each other: pass one"
+        )
     _model_args(v, None)  # the model's own checks, before any process-group work
     v["data_path"] = tuple(v["data_path"])
     return TrainConfig.from_flat(v)

@@ -193,6 +193,16 @@ class CheckpointConfig:
     finetune: bool = flag(False, "load only the weights; start at iteration 0")
     no_load_optim: bool = flag(False, "do not load optimizer states")
     no_load_rng: bool = flag(False, "do not load RNG states")
+    override_opt_param_scheduler: bool = flag(
+        False,
+        "on resume, take the LR schedule (--lr, --min-lr, --lr-warmup-iters, --lr-decay-iters, "
+        "--lr-decay-style) from the flags instead of the checkpoint",
+    )
+    use_checkpoint_opt_param_scheduler: bool = flag(
+        False,
+        "on resume, keep the checkpoint's LR schedule (the default; Megatron's explicit form)",
+        names=("--use-checkpoint-opt_param-scheduler",),
+    )
     async_save: bool = flag(
         False,
         "training pauses only to copy the state into host memory; writing, hashing and 'latest' "
