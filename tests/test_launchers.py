@@ -245,6 +245,9 @@ def test_deepspeed_launcher_runs_the_size_script(synthetic_prefix: str, tmp_path
     proc = subprocess.run(cmd, env=env, cwd=tmp_path, capture_output=True, text=True, timeout=600)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     assert "world 2 = TP 1 x DP 2" in proc.stdout
+    assert "> Megatron-CoLA: debug CoLA (overrides: --num-layers 2; " in proc.stdout  # what runs
+    assert proc.stdout.count("------------------------ arguments ------------------------") == 1  # rank 0
+    assert "flags change: --train-iters 3 (recipe: 200)" in proc.stdout
     assert (save / "latest").read_text().strip() == "iter_0000003"
     rows = [json.loads(x) for x in (save / "tensorboard" / "metrics.jsonl").read_text().splitlines()]
     assert [r["iteration"] for r in rows if r["kind"] == "train"] == [1, 2, 3]
