@@ -225,7 +225,7 @@ def _gpus_per_node(env: Mapping[str, str], launcher: Mapping[str, Any], notes: l
 
 def visible_gpus() -> int:
     """``torch.cuda.device_count()``; 0 without importing torch when no GPU driver is present."""
-    if not any(os.path.exists(p) for p in ("/proc/driver/nvidia", "/dev/kfd", "/dev/dxg")):
+    if not any(os.path.exists(p) for p in ("/proc/driver/nvidia", "/dev/nvidiactl", "/dev/kfd", "/dev/dxg")):
         return 0
     import torch
 
