@@ -1,9 +1,9 @@
 """Command-line arguments of ``pretrain_cola.py`` (Megatron-LM's flag names) and their validation.
 
 The flags themselves (names, defaults, help, choices) are ``TrainConfig``'s fields in ``train_config.py``;
-``build_parser`` generates the parser from them. ``build_train_config`` (alias ``validate_args``) is the
-one place flags are checked against each other, before any process-group work, and returns the frozen
-``TrainConfig``; the parsed ``Namespace`` is never modified. Each message says what to change.
+``build_parser`` generates the parser from them. ``build_train_config`` is the one place flags are
+checked against each other, before any process-group work, and returns the frozen ``TrainConfig``; the
+parsed ``Namespace`` is never modified. Each message says what to change.
 """
 
 from __future__ import annotations
@@ -20,7 +20,6 @@ from megatron_cola.config import SIZES, ModelArgs, lookup_size
 from megatron_cola.data.builder import parse_data_path
 from megatron_cola.errors import ConfigError
 from megatron_cola.parallel.sizes import check_tensor_parallel_size
-from megatron_cola.parallel.transform import pad_vocab_size  # noqa: F401  (re-exported)
 from megatron_cola.training.recipe import apply_recipe
 from megatron_cola.training.train_config import (
     DEFAULT_CLIP_GRAD,
@@ -186,10 +185,6 @@ def build_train_config(args: argparse.Namespace, world_size: int | None = None) 
     _model_args(v, None)  # the model's own checks, before any process-group work
     v["data_path"] = tuple(v["data_path"])
     return TrainConfig.from_flat(v)
-
-
-#: The name tests and older callers use.
-validate_args = build_train_config
 
 
 def _check_batch_and_parallel(v: dict[str, Any]) -> None:

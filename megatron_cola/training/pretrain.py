@@ -25,13 +25,12 @@ from megatron_cola.atomic_io import atomic_write_text
 from megatron_cola.config import ModelArgs
 from megatron_cola.data.tokenizers import AbstractTokenizer
 from megatron_cola.errors import DataError, MegatronColaError
-from megatron_cola.parallel.sizes import check_tensor_parallel_size
+from megatron_cola.parallel.sizes import check_tensor_parallel_size, pad_vocab_size
 from megatron_cola.training.arguments import (
     ArgumentError,
     build_train_config,
     given_flags,
     model_args_from,
-    pad_vocab_size,
     parse_args,
 )
 from megatron_cola.training.engine import use_deepspeed_accelerator
@@ -104,7 +103,7 @@ def _resolve_device(choice: str) -> torch.device:
     return torch.device("cpu")
 
 
-def _init_distributed(device: torch.device, timeout_minutes: float = 10.0) -> bool:
+def init_distributed(device: torch.device, timeout_minutes: float = 10.0) -> bool:
     """Initialise the default process group; returns whether we did (and so must destroy it).
 
     First makes DeepSpeed's accelerator follow ``device`` (before DeepSpeed is imported), so that
@@ -234,7 +233,7 @@ def pretrain(argv: list[str] | None = None) -> dict[str, Any]:
         for line in machine_warnings(cfg, model_args, device):
             print(line, flush=True)
 
-    created_pg = _init_distributed(device, cfg.distributed_timeout_minutes)
+    created_pg = init_distributed(device, cfg.distributed_timeout_minutes)
     try:
         return Trainer(cfg, model_args, tokenizer, device).run()
     finally:
