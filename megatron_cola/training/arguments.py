@@ -182,6 +182,13 @@ def _add_checkpoint_and_logging_flags(p: argparse.ArgumentParser) -> None:
     g.add_argument("--finetune", action="store_true", help="load only the weights; start at iteration 0")
     g.add_argument("--no-load-optim", action="store_true", help="do not load optimizer states")
     g.add_argument("--no-load-rng", action="store_true", help="do not load RNG states")
+    g.add_argument(
+        "--no-save-reshardable-optim",
+        action="store_true",
+        help="do not write the layout-free optimizer state (optim_tpNN.pt: fp32 master weights and Adam "
+        "moments per parameter) with each checkpoint; saves time and disk, but a resume must then use the "
+        "same TP size, ZeRO stage and data-parallel size to keep the optimizer state",
+    )
     g.add_argument("--eval-interval", type=int, default=1000, help="validate every N iterations")
     g.add_argument("--eval-iters", type=int, default=10, help="validation batches per evaluation")
     g.add_argument("--log-interval", type=int, default=10, help="log every N iterations")

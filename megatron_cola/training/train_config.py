@@ -74,6 +74,8 @@ class TrainConfig:
     finetune: bool
     no_load_optim: bool
     no_load_rng: bool
+    no_save_reshardable_optim: bool
+    """Skip the layout-free optimizer state (``optim_tpNN.pt``) that a resume on another layout needs."""
     eval_interval: int
     eval_iters: int
     log_interval: int
