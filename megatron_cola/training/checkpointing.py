@@ -528,8 +528,13 @@ def _resume_resharded(
     else:
         n, step = restore_optimizer_state(engine, load_optim_files(reader))
         what = f"optimizer state resharded ({n} tensors; step {step})"
-    if engine.lr_scheduler is not None and "lr_scheduler" in client_state:
-        engine.lr_scheduler.load_state_dict(client_state["lr_scheduler"])
+    scheduler = engine.lr_scheduler
+    if scheduler is not None and "lr_scheduler" in client_state:
+        scheduler.load_state_dict(client_state["lr_scheduler"])
+        # A scheduler's state holds its step, not the optimizer's current LR (which DeepSpeed's optimizer
+        # state carries on the native path): set the LR of the next step as the last step() left it.
+        for group, lr in zip(scheduler.optimizer.param_groups, scheduler.get_last_lr(), strict=True):
+            group["lr"] = lr
     engine.global_steps = client_state["global_steps"]
     engine.global_samples = client_state.get(
         "global_samples", engine.global_steps * engine.train_batch_size()
