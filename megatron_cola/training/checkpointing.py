@@ -465,11 +465,9 @@ def check_compatible(
     saved = client_state.get("args", {})
     if diffs:
         hint = ""
-        if (
-            saved_model.get("vocab_size") != ours.get("vocab_size")
-            and saved.get("tensor_model_parallel_size", cfg.tensor_model_parallel_size)
-            != cfg.tensor_model_parallel_size
-        ):
+        tp_now = getattr(cfg, "tensor_model_parallel_size", None)
+        tp_saved = saved.get("tensor_model_parallel_size", tp_now)
+        if saved_model.get("vocab_size") != ours.get("vocab_size") and tp_saved != tp_now:
             hint = (
                 f" (the padded vocabulary is a multiple of --make-vocab-size-divisible-by times the TP size: "
                 f"choose --make-vocab-size-divisible-by so that it is {saved_model.get('vocab_size')} again)"
