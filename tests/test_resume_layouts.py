@@ -16,6 +16,10 @@ import subprocess
 import sys
 
 import pytest
+import torch
+from safetensors.torch import load_file
+
+from megatron_cola.cli.convert_to_hf import main as convert_to_hf
 
 from .conftest import ROOT, dist_env, synthetic_args
 
@@ -103,7 +107,7 @@ def launch(runs: list[dict], nproc: int, out, spec) -> tuple[dict[str, dict[int,
     return results, logs
 
 
-def test_resume_on_other_layouts(synthetic_prefix: str, tmp_path) -> None:
+def test_resume_on_other_layouts(synthetic_prefix: str, tmp_path, capsys) -> None:
     ckpt = {}  # L1 layout -> checkpoint directory holding its iteration-4 save
     first: list[dict] = []
     for ref in REFERENCES:
@@ -146,3 +150,17 @@ def test_resume_on_other_layouts(synthetic_prefix: str, tmp_path) -> None:
         "> resuming a TP1 x DP2 ZeRO-1 checkpoint on TP2 x DP1 ZeRO-1: optimizer state resharded "
         "(105 tensors; step 4)" in logs["4"]
     )
+
+    # The bf16 run's fp32 master weights reach the HF export (by default); the module's are bf16-rounded.
+    exported = {}
+    for source, flag in (("master", []), ("module", ["--from-module"])):
+        hf = tmp_path / f"hf_{source}"
+        argv = ["--load", str(ckpt[BF16_DP2_Z2]), "--save", str(hf), "--dtype", "fp32", "--no-tokenizer"]
+        assert convert_to_hf([*argv, *flag]) == 0
+        said = "the fp32 master weights (optim_tpNN.pt)" if source == "master" else "the module's weights"
+        assert f"weights: {said}" in capsys.readouterr().out
+        exported[source] = {k: v for f in hf.glob("*.safetensors") for k, v in load_file(f).items()}
+    master, module = exported["master"], exported["module"]
+    assert sorted(master) == sorted(module)
+    assert all(torch.equal(module[k], master[k].bfloat16().float()) for k in master)
+    assert max(float((master[k] - module[k]).abs().max()) for k in master) > 0
