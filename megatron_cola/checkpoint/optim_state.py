@@ -28,7 +28,7 @@ from typing import Any
 import torch
 import torch.distributed as dist
 
-from megatron_cola.checkpoint.io import CheckpointReader
+from megatron_cola.checkpoint.io import CheckpointReader, compact
 from megatron_cola.checkpoint.layout import optim_file_name
 from megatron_cola.errors import CheckpointError
 
@@ -204,8 +204,9 @@ def gather_optimizer_state(engine: Any, keep: bool) -> tuple[dict[str, dict[str,
                 t = torch.zeros(_full_local_shape(param), dtype=torch.float32)
             else:
                 t = acc.get(param, key)
-            if keep:
-                entry[key] = t.detach().to("cpu", torch.float32, copy=True).contiguous()
+            if keep:  # DeepSpeed's gathers return fresh buffers; ZeRO-0's tensors are live: copied
+                t = t.detach().to("cpu", torch.float32, copy=acc.kind == "torch")
+                entry[key] = compact(t.contiguous())  # ZeRO-3's are views of padded buffers
         if keep:
             out[name] = entry
     return out, acc.step()
