@@ -89,9 +89,6 @@ class _Access:
             self.opt._lazy_init_hp_params_optimizer_state()
 
     def step(self) -> int:
-        for group in self.base.param_groups:
-            if "step" in group:  # DeepSpeed's FusedAdam counts per group
-                return int(group["step"])
         for p in self.flat_masters():
             step = self.base.state.get(p, {}).get("step")
             if step is not None:
@@ -113,18 +110,19 @@ class _Access:
         return safe_get_full_optimizer_state(param, state_key)
 
     def init_state(self, step: int) -> None:
-        """Adam's state tensors (zeros) at ``step``, created as the first ``step()`` would."""
-        for group in self.base.param_groups:
-            if "step" in group:
-                group["step"] = step
-        per_group_step = any("step" in g for g in self.base.param_groups)
+        """Adam's state tensors (zeros) at ``step``, created as the first ``step()`` would: torch's Adam(W)
+        counts in a float32 tensor (on the parameter's device when fused), DeepSpeed's FusedAdam in an
+        int per parameter (its group's ``step`` stays as it is)."""
+        torch_adam = isinstance(self.base, (torch.optim.Adam, torch.optim.AdamW))
         defaults = self.base.defaults
         on_device = bool(defaults.get("fused") or defaults.get("capturable"))
         for p in self.flat_masters():
             state = self.base.state[p]
             for k in MOMENTS:
                 state[k] = torch.zeros_like(p, memory_format=torch.preserve_format)
-            if not per_group_step:
+            if not torch_adam:
+                state["step"] = int(step)
+            else:
                 device = p.device if on_device else "cpu"
                 state["step"] = torch.tensor(float(step), dtype=torch.float32, device=device)
         self.relink()
