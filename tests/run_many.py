@@ -19,13 +19,13 @@ import torch
 import torch.distributed as dist
 
 from megatron_cola.atomic_io import atomic_write_text
-from megatron_cola.training.pretrain import _init_distributed, pretrain
+from megatron_cola.training.pretrain import init_distributed, pretrain
 
 
 def main(spec_path: str) -> None:
     with open(spec_path) as f:
         spec = json.load(f)
-    _init_distributed(torch.device("cpu"))
+    init_distributed(torch.device("cpu"))
     rank = dist.get_rank()
     results: dict[str, dict[int, float]] = {}
     for run in spec["runs"]:

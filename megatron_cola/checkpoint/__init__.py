@@ -37,6 +37,7 @@ from megatron_cola.checkpoint.model_files import (
     load_model_files,
     merge_tp_shards,
     save_model_file,
+    save_weights_checkpoint,
 )
 
 __all__ = [
@@ -52,4 +53,5 @@ __all__ = [
     "read_latest",
     "resolve_checkpoint_dir",
     "save_model_file",
+    "save_weights_checkpoint",
 ]

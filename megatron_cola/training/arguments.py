@@ -1,6 +1,6 @@
 """Command-line arguments of ``pretrain_cola.py``, with Megatron-LM's flag names, and their validation.
 
-``build_train_config`` (alias ``validate_args``) checks everything that can be checked before any
+``build_train_config`` checks everything that can be checked before any
 process-group work and returns the frozen ``TrainConfig``; the parsed ``Namespace`` is never modified.
 Each message says what to change.
 """
@@ -18,7 +18,6 @@ from megatron_cola.data.tokenizers import TOKENIZER_TYPES
 from megatron_cola.errors import ConfigError
 from megatron_cola.model.compile import COMPILE_MODES
 from megatron_cola.parallel.sizes import check_tensor_parallel_size
-from megatron_cola.parallel.transform import pad_vocab_size  # noqa: F401  (re-exported)
 from megatron_cola.training.train_config import TrainConfig
 
 
@@ -188,6 +187,17 @@ def _add_checkpoint_and_logging_flags(p: argparse.ArgumentParser) -> None:
         help="do not write the layout-free optimizer state (optim_tpNN.pt: fp32 master weights and Adam "
         "moments per parameter) with each checkpoint; saves time and disk, but a resume must then use the "
         "same TP size, ZeRO stage and data-parallel size to keep the optimizer state",
+    )
+    g.add_argument(
+        "--override-opt-param-scheduler",
+        action="store_true",
+        help="on resume, take the LR schedule (--lr, --min-lr, --lr-warmup-iters, --lr-decay-iters, "
+        "--lr-decay-style) from the flags instead of the checkpoint",
+    )
+    g.add_argument(
+        "--use-checkpoint-opt_param-scheduler",
+        action="store_true",
+        help="on resume, keep the checkpoint's LR schedule (the default; Megatron's explicit form)",
     )
     g.add_argument("--eval-interval", type=int, default=1000, help="validate every N iterations")
     g.add_argument("--eval-iters", type=int, default=10, help="validation batches per evaluation")
@@ -412,13 +422,14 @@ def build_train_config(args: argparse.Namespace, world_size: int | None = None) 
     _check_checkpoint_reliability_flags(v)
     if v["finetune"] and not v["load"]:
         raise ArgumentError("--finetune needs --load DIR")
+    if v["override_opt_param_scheduler"] and v["use_checkpoint_opt_param_scheduler"]:
+        raise ArgumentError(
+            "--override-opt-param-scheduler (the LR schedule from the flags) and "
+            "--use-checkpoint-opt_param-scheduler (the checkpoint's) contradict each other: pass one"
+        )
     _model_args(v, None)  # the model's own checks, before any process-group work
     v["data_path"] = tuple(v["data_path"])
     return TrainConfig(**v)
-
-
-#: The name tests and older callers use.
-validate_args = build_train_config
 
 
 def _check_batch_and_parallel(v: dict[str, Any]) -> None:

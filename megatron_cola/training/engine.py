@@ -12,8 +12,9 @@ from megatron_cola.config import ModelArgs
 from megatron_cola.model import CoLALlama
 from megatron_cola.parallel import ParallelState
 from megatron_cola.training.ds_config import build_ds_config
+from megatron_cola.training.guards import guard_optimizer
 from megatron_cola.training.logging_utils import print_rank_0
-from megatron_cola.training.schedule import build_scheduler
+from megatron_cola.training.schedule import Schedule, build_scheduler
 from megatron_cola.training.train_config import TrainConfig
 
 
@@ -139,17 +140,21 @@ def build_optimizer(cfg: TrainConfig, model: torch.nn.Module, device: torch.devi
 def build_engine(
     cfg: TrainConfig, model: torch.nn.Module, parallel: ParallelState, device: torch.device
 ) -> tuple[Any, Any]:
-    """``(engine, scheduler)``: the optimizer and schedule wrapped by ``deepspeed.initialize``. Nothing is
-    written: the trainer saves the DeepSpeed config into ``--save`` once a resume's checks passed."""
+    """``(engine, scheduler)``: the optimizer and schedule wrapped by ``deepspeed.initialize``. The schedule
+    drives the optimizer itself; DeepSpeed gets it through ``guard_optimizer`` (a ``GuardedOptimizer``
+    where the non-finite guard must be able to hold a step). Nothing is written: the trainer saves the
+    DeepSpeed config into ``--save`` once a resume's checks passed."""
     import deepspeed
 
     model = compile_model(cfg, model)
     optimizer = build_optimizer(cfg, model, device)
-    scheduler = build_scheduler(
-        optimizer, cfg.lr, cfg.min_lr, cfg.lr_warmup_iters, cfg.lr_decay_iters, cfg.lr_decay_style
-    )
+    scheduler = build_scheduler(optimizer, Schedule.from_values(cfg.to_dict()))
     ds_config = build_ds_config(cfg, device.type)
     engine, _, _, _ = deepspeed.initialize(
-        model=model, optimizer=optimizer, lr_scheduler=scheduler, config=ds_config, mpu=parallel.mpu()
+        model=model,
+        optimizer=guard_optimizer(cfg, optimizer),
+        lr_scheduler=scheduler,
+        config=ds_config,
+        mpu=parallel.mpu(),
     )
     return engine, scheduler

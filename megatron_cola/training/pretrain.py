@@ -23,12 +23,11 @@ import torch.distributed as dist
 
 from megatron_cola.data.tokenizers import AbstractTokenizer
 from megatron_cola.errors import DataError, MegatronColaError
-from megatron_cola.parallel.sizes import check_tensor_parallel_size
+from megatron_cola.parallel.sizes import check_tensor_parallel_size, pad_vocab_size
 from megatron_cola.training.arguments import (
     ArgumentError,
     build_train_config,
     model_args_from,
-    pad_vocab_size,
     parse_args,
 )
 from megatron_cola.training.engine import use_deepspeed_accelerator
@@ -100,7 +99,7 @@ def _resolve_device(choice: str) -> torch.device:
     return torch.device("cpu")
 
 
-def _init_distributed(device: torch.device, timeout_minutes: float = 10.0) -> bool:
+def init_distributed(device: torch.device, timeout_minutes: float = 10.0) -> bool:
     """Initialise the default process group; returns whether we did (and so must destroy it).
 
     First makes DeepSpeed's accelerator follow ``device`` (before DeepSpeed is imported), so that
@@ -147,7 +146,7 @@ def pretrain(argv: list[str] | None = None) -> dict[str, Any]:
     _prepare_launch_env()  # LOCAL_RANK etc. for srun / single process, before picking the GPU
     device = _resolve_device(cfg.device)
 
-    created_pg = _init_distributed(device, cfg.distributed_timeout_minutes)
+    created_pg = init_distributed(device, cfg.distributed_timeout_minutes)
     try:
         return Trainer(cfg, model_args, tokenizer, device).run()
     finally:

@@ -76,6 +76,10 @@ class TrainConfig:
     no_load_rng: bool
     no_save_reshardable_optim: bool
     """Skip the layout-free optimizer state (``optim_tpNN.pt``) that a resume on another layout needs."""
+    override_opt_param_scheduler: bool
+    """On resume, the LR schedule comes from the flags (default: from the checkpoint)."""
+    use_checkpoint_opt_param_scheduler: bool
+    """On resume, the LR schedule comes from the checkpoint (the default, said explicitly)."""
     eval_interval: int
     eval_iters: int
     log_interval: int
