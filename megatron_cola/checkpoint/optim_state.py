@@ -113,7 +113,10 @@ class _Access:
         """Adam's state tensors (zeros) at ``step``, created as the first ``step()`` would: torch's Adam(W)
         counts in a float32 tensor (on the parameter's device when fused), DeepSpeed's FusedAdam in an
         int per parameter (its group's ``step`` stays as it is)."""
-        torch_adam = isinstance(self.base, (torch.optim.Adam, torch.optim.AdamW))
+        inner = self.base  # the optimizer that steps, under wrappers sharing its state (GuardedOptimizer)
+        while isinstance(getattr(inner, "optimizer", None), torch.optim.Optimizer):
+            inner = inner.optimizer
+        torch_adam = isinstance(inner, (torch.optim.Adam, torch.optim.AdamW))
         defaults = self.base.defaults
         on_device = bool(defaults.get("fused") or defaults.get("capturable"))
         for p in self.flat_masters():
