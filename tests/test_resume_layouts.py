@@ -19,11 +19,12 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
+from megatron_cola.checkpoint import CheckpointReader
 from megatron_cola.cli.convert_to_hf import main as convert_to_hf
+from megatron_cola.errors import CheckpointError
+from megatron_cola.training.checkpointing import check_reshardable, describe_layout, layout_changed
 
 from .conftest import ROOT, dist_env, synthetic_args
-
-pytestmark = pytest.mark.slow
 
 TOL = 2e-4
 
@@ -107,6 +108,7 @@ def launch(runs: list[dict], nproc: int, out, spec) -> tuple[dict[str, dict[int,
     return results, logs
 
 
+@pytest.mark.slow
 def test_resume_on_other_layouts(synthetic_prefix: str, tmp_path, capsys) -> None:
     ckpt = {}  # L1 layout -> checkpoint directory holding its iteration-4 save
     first: list[dict] = []
@@ -164,3 +166,32 @@ def test_resume_on_other_layouts(synthetic_prefix: str, tmp_path, capsys) -> Non
     assert sorted(master) == sorted(module)
     assert all(torch.equal(module[k], master[k].bfloat16().float()) for k in master)
     assert max(float((master[k] - module[k]).abs().max()) for k in master) > 0
+
+
+def test_layout_changes_and_their_description() -> None:
+    saved = {"tp": 1, "dp": 2, "zero": 1, "scheme": "split-rank", "split_dims": {}}
+    now = {**saved, "tp": 2, "dp": 1, "split_dims": {"lm_head.weight": 0}}
+    assert describe_layout(saved) == "TP1 x DP2 ZeRO-1"
+    assert describe_layout(now, with_scheme=True) == "TP2 (split-rank) x DP1 ZeRO-1"
+    assert layout_changed(saved, now) and not layout_changed(saved, dict(saved))
+    assert layout_changed(saved, {**saved, "zero": 3}) and layout_changed(saved, {**saved, "dp": 4})
+    assert layout_changed(now, {**now, "scheme": "bottleneck"})  # another cut of the same TP size
+    assert layout_changed(now, {**now, "split_dims": {"lm_head.weight": 1}})
+    # Fields a checkpoint predates count as unchanged.
+    assert not layout_changed({**saved, "dp": None, "split_dims": None}, {**saved, "dp": 4, "split_dims": {}})
+
+
+def test_layout_change_without_optim_files_keeps_the_refusals(tmp_path) -> None:
+    (tmp_path / "iter_0000004").mkdir()
+    reader = CheckpointReader(str(tmp_path), 4)
+    tp1 = {"tp": 1, "dp": 2, "zero": 1, "scheme": "split-rank", "split_dims": {}}
+    tp2 = {"tp": 2, "dp": 1, "zero": 1, "scheme": "split-rank", "split_dims": {"lm_head.weight": 0}}
+    with pytest.raises(CheckpointError, match="tensor-model-parallel size 1, this run uses 2.*optim_tpNN.pt"):
+        check_reshardable(reader, tp1, tp2)
+    with pytest.raises(CheckpointError, match="--cola-tp-scheme split-rank, this run uses bottleneck"):
+        check_reshardable(reader, tp2, {**tp2, "scheme": "bottleneck"})
+    # ZeRO stage and DP size: check_compatible's rules (--no-load-optim) apply, as before.
+    assert check_reshardable(reader, tp1, {**tp1, "zero": 3, "dp": 1}) is False
+    assert check_reshardable(reader, tp1, dict(tp1)) is False
+    (tmp_path / "iter_0000004" / "optim_tp00.pt").write_bytes(b"")
+    assert check_reshardable(reader, tp1, tp2) is True

@@ -422,9 +422,7 @@ def describe_layout(layout: dict[str, Any], with_scheme: bool = False) -> str:
     return f"TP{layout['tp']}{scheme} x DP{dp} ZeRO-{layout['zero']}"
 
 
-def check_reshardable(
-    reader: CheckpointReader, saved: dict[str, Any], now: dict[str, Any], cfg: TrainConfig
-) -> bool:
+def check_reshardable(reader: CheckpointReader, saved: dict[str, Any], now: dict[str, Any]) -> bool:
     """Whether this resume takes the resharded path: the layout changed and the checkpoint holds the
     layout-free optimizer state (``optim_tpNN.pt``). Without it, a changed TP size or TP cut is refused
     (and a changed ZeRO stage or data-parallel size by ``check_compatible``, unless --no-load-optim)."""
@@ -605,7 +603,7 @@ def load_checkpoint(
         )
     meta, saved_tp = peek_client_state(reader)
     saved, now = saved_layout(meta, saved_tp), current_layout(engine, cfg)
-    reshard = check_reshardable(reader, saved, now, cfg)
+    reshard = check_reshardable(reader, saved, now)
     check_compatible(meta, cfg, model_args, reshard=reshard)
     history = resumed_data_history(meta, cfg, int(meta["iteration"]), int(meta["consumed_samples"]))
     schedule = resumed_schedule(meta, cfg, int(meta["iteration"]))
