@@ -126,13 +126,23 @@ def merge_tp_shards(files: list[dict[str, Any]]) -> dict[str, torch.Tensor]:
 
 
 def load_full_state_dict(
-    load_dir: str, iteration: int | None = None, drop_vocab_padding: bool = False
+    load_dir: str, iteration: int | None = None, drop_vocab_padding: bool = False, source: str = "module"
 ) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
     """Unsharded state dict and metadata (``args``, ``vocab_size``, ``iteration``, ``tokenizer``,
     ``tp_size``) of a checkpoint. With ``drop_vocab_padding`` the embedding and LM head are cut to the
-    tokenizer's vocab size and ``args["vocab_size"]`` set to it."""
-    files = load_model_files(CheckpointReader(load_dir, iteration))
-    state = merge_tp_shards(files)
+    tokenizer's vocab size and ``args["vocab_size"]`` set to it. ``source="master"``: the weights are
+    the fp32 master weights of the layout-free optimizer state (``optim_tpNN.pt``) instead of the module's
+    (bf16 in a bf16 run)."""
+    reader = CheckpointReader(load_dir, iteration)
+    files = load_model_files(reader)
+    if source == "master":
+        from megatron_cola.checkpoint.optim_state import full_masters, load_optim_files
+
+        state = dict(full_masters(load_optim_files(reader)))
+    elif source == "module":
+        state = merge_tp_shards(files)
+    else:
+        raise ValueError(f"source must be 'module' or 'master', got {source!r}")
     meta = {k: files[0][k] for k in ("args", "vocab_size", "iteration", "tokenizer", "tp_size")}
     meta["args"] = dict(meta["args"])
     if drop_vocab_padding and meta["vocab_size"] and meta["vocab_size"] < meta["args"]["vocab_size"]:

@@ -193,6 +193,12 @@ class CheckpointConfig:
     finetune: bool = flag(False, "load only the weights; start at iteration 0")
     no_load_optim: bool = flag(False, "do not load optimizer states")
     no_load_rng: bool = flag(False, "do not load RNG states")
+    no_save_reshardable_optim: bool = flag(
+        False,
+        "do not write the layout-free optimizer state (optim_tpNN.pt: fp32 master weights and Adam "
+        "moments per parameter) with each checkpoint; saves time and disk, but a resume must then use the "
+        "same TP size, ZeRO stage and data-parallel size to keep the optimizer state",
+    )
     override_opt_param_scheduler: bool = flag(
         False,
         "on resume, take the LR schedule (--lr, --min-lr, --lr-warmup-iters, --lr-decay-iters, "
