@@ -22,7 +22,8 @@ import torch.distributed as dist
 
 from megatron_cola.data import build_tokenizer
 from megatron_cola.parallel import ParallelState
-from megatron_cola.training.arguments import build_train_config, model_args_from, pad_vocab_size, parse_args
+from megatron_cola.parallel import pad_vocab_size
+from megatron_cola.training.arguments import build_train_config, model_args_from, parse_args
 from megatron_cola.training.ds_config import build_ds_config
 from megatron_cola.training.engine import build_engine, build_model, use_deepspeed_accelerator
 

@@ -41,7 +41,7 @@ class CoLALinear(nn.Module):
       - ``bias``: ``(out_features,)`` when ``bias=True`` (CoLA models use none).
     The output of A (the pre-activation on the rank-r bottleneck) is what CoLA-M keeps for backward
     (``keep_a_output``). ``forward`` is ``from_rank(rank_projection(x, [weight_a]))``; a grouped caller
-    runs several layers' A's as one GEMM and hands each its slice (``model.grouped``).
+    runs several layers' A's as one GEMM and hands each its slice (``project_shared_input``).
     Standalone, the constructor draws the weights; inside ``CoLALlama`` it is built on the meta device
     and ``init_weights`` draws them once.
     """
@@ -116,8 +116,13 @@ def project_shared_input(layers: Sequence[nn.Module], x: torch.Tensor) -> list[t
     ``[W_1; W_2; ...]``, and their output slices are made contiguous (a copy in eager, fused away under
     ``torch.compile``) so that the elementwise work after them sees the plain path's layout. Outputs and
     gradients equal the separate calls up to fp32 rounding (``grouped_linear``; the tests hold them to
-    1e-5 relative). Under tensor parallelism each rank groups its local slices.
+    1e-5 relative). Under tensor parallelism each rank groups its local slices; a layer that knows a
+    better grouping of its own kind (``project_shared_input`` method: the bottleneck TP scheme's, which
+    also shares one all-reduce) is handed the group.
     """
+    own = getattr(layers[0], "project_shared_input", None)
+    if own is not None:
+        return own(layers, x)
     if all(hasattr(layer, "weight_a") for layer in layers):
         keep = {layer.keep_a_output for layer in layers}
         activation = {layer.activation for layer in layers}

@@ -13,12 +13,11 @@ import math
 import os
 from typing import Any
 
-from megatron_cola.config import RECOMPUTE_CHOICES, SIZES, ModelArgs
+from megatron_cola.config import DEFAULT_TP_SCHEME, RECOMPUTE_CHOICES, SIZES, TP_SCHEMES, ModelArgs
 from megatron_cola.data.tokenizers import TOKENIZER_TYPES
 from megatron_cola.errors import ConfigError
 from megatron_cola.model.compile import COMPILE_MODES
 from megatron_cola.parallel.sizes import check_tensor_parallel_size
-from megatron_cola.parallel.transform import pad_vocab_size  # noqa: F401  (re-exported)
 from megatron_cola.training.train_config import TrainConfig
 
 
@@ -85,6 +84,14 @@ def _add_training_flags(p: argparse.ArgumentParser) -> None:
         "--zero-stage", type=int, default=None, choices=[0, 1, 2, 3], help="DeepSpeed ZeRO stage (default 1)"
     )
     g.add_argument("--tensor-model-parallel-size", type=int, default=1, help="GPUs that split each layer")
+    g.add_argument(
+        "--cola-tp-scheme",
+        default=DEFAULT_TP_SCHEME,
+        choices=TP_SCHEMES,
+        help="how TP splits a CoLA model: split-rank (A and B split over r, replicated residual stream) "
+        "or bottleneck (residual stream sharded on d, one r-wide all-reduce per map); full-rank models "
+        "use Megatron's dense TP whatever this says",
+    )
     g.add_argument(
         "--deepspeed_config",
         "--deepspeed-config",

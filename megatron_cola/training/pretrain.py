@@ -23,12 +23,11 @@ import torch.distributed as dist
 
 from megatron_cola.data.tokenizers import AbstractTokenizer
 from megatron_cola.errors import DataError, MegatronColaError
-from megatron_cola.parallel.sizes import check_tensor_parallel_size
+from megatron_cola.parallel.sizes import check_tensor_parallel_size, pad_vocab_size
 from megatron_cola.training.arguments import (
     ArgumentError,
     build_train_config,
     model_args_from,
-    pad_vocab_size,
     parse_args,
 )
 from megatron_cola.training.engine import use_deepspeed_accelerator
@@ -143,7 +142,7 @@ def pretrain(argv: list[str] | None = None) -> dict[str, Any]:
     model_args = model_args_from(
         cfg, pad_vocab_size(tokenizer.vocab_size, cfg.make_vocab_size_divisible_by, tp)
     )
-    check_tensor_parallel_size(tp, model_args=model_args)
+    check_tensor_parallel_size(tp, model_args=model_args, scheme=cfg.cola_tp_scheme)
     _prepare_launch_env()  # LOCAL_RANK etc. for srun / single process, before picking the GPU
     device = _resolve_device(cfg.device)
 

@@ -42,6 +42,8 @@ class TrainConfig:
     fp16: bool
     zero_stage: int
     tensor_model_parallel_size: int
+    cola_tp_scheme: str
+    """Tensor-parallel scheme of CoLA models (``--cola-tp-scheme``: ``config.TP_SCHEMES``)."""
     deepspeed_config: str | None
     deepspeed: bool
     local_rank: int | None
