@@ -12,6 +12,8 @@ from megatron_cola.model.fused_loss import chunked_linear_cross_entropy
 class RMSNorm(nn.Module):
     """Root-mean-square layer norm with a learned scale (``torch.nn.functional.rms_norm``)."""
 
+    init_ones = True  # ``CoLALlama.init_weights`` starts the scale at 1 (so do sharded twins that say so)
+
     def __init__(self, dim: int, eps: float = 1e-6, device: torch.device | str | None = None) -> None:
         super().__init__()
         self.eps = eps

@@ -180,7 +180,8 @@ class CoLALlama(nn.Module):
                 name = f"{module_name}.{pname}" if module_name else pname
                 shape = self.sharding.full_shape(name, param)
                 std = getattr(module, "init_std", self.args.init_std)
-                kind = "ones" if isinstance(module, RMSNorm) else "zeros" if pname == "bias" else "normal"
+                ones = getattr(module, "init_ones", False)  # RMSNorm scales (and their sharded twins)
+                kind = "ones" if ones else "zeros" if pname == "bias" else "normal"
                 draws.append((math.prod(shape), functools.partial(_draw_full, kind, shape, std, seed, name)))
         fulls = _drawn_in_order(draws)
         for module_name, module in modules:

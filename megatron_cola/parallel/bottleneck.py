@@ -195,6 +195,8 @@ class BottleneckCoLA(ShardedModule):
 class _ShardedNorm(ShardedModule):
     """An RMSNorm's scale split on d: ``(d/t,)``."""
 
+    init_ones = True  # as ``RMSNorm``: ``init_weights`` starts the scale at 1
+
     def __init__(
         self,
         dim: int,
