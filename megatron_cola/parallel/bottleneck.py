@@ -90,9 +90,14 @@ _kept_linear_all_reduce.register_autograd(_kept_ar_backward, setup_context=_setu
 register_kept_op(torch.ops.megatron_cola.kept_linear_all_reduce.default)
 
 
+def _wide(x: torch.Tensor) -> torch.Tensor:
+    """``x`` in at least fp32, where norm statistics are accumulated (as ``F.rms_norm`` does)."""
+    return x.to(torch.promote_types(x.dtype, torch.float32))
+
+
 def _rms_scale(sum_sq: torch.Tensor, width: int, eps: float) -> torch.Tensor:
     """``1 / sqrt(mean(x²) + eps)`` per token from the global sum of squares ``(..., 1)``."""
-    return torch.rsqrt(sum_sq.float() / width + eps)
+    return torch.rsqrt(_wide(sum_sq) / width + eps)
 
 
 class BottleneckCoLA(ShardedModule):
@@ -226,7 +231,7 @@ class DeferredRMSNorm(_ShardedNorm):
     ``BottleneckCoLA`` maps it feeds divide by the global RMS after their all-reduce."""
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        sum_sq = x.float().pow(2).sum(dim=-1, keepdim=True)  # (..., 1): this rank's share
+        sum_sq = _wide(x).pow(2).sum(dim=-1, keepdim=True)  # (..., 1): this rank's share
         return torch.cat((x * self.weight, sum_sq.to(x.dtype)), dim=-1)
 
 
@@ -234,8 +239,8 @@ class ShardedRMSNorm(_ShardedNorm):
     """The final RMSNorm on this rank's ``(..., d/t)``: one all-reduce of the per-token sum of squares."""
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        sum_sq = reduce_to_sharded_tp(x.float().pow(2).sum(dim=-1, keepdim=True), self.group)  # (..., 1)
-        return (x.float() * _rms_scale(sum_sq, self.dim, self.eps)).to(x.dtype) * self.weight
+        sum_sq = reduce_to_sharded_tp(_wide(x).pow(2).sum(dim=-1, keepdim=True), self.group)  # (..., 1)
+        return (_wide(x) * _rms_scale(sum_sq, self.dim, self.eps)).to(x.dtype) * self.weight
 
 
 class HiddenShardedEmbedding(ShardedModule):
