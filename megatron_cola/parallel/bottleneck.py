@@ -44,7 +44,7 @@ from megatron_cola.model.recompute import (
     register_kept_op,
 )
 from megatron_cola.parallel.counter import record
-from megatron_cola.parallel.layers import ShardedModule, _divide, _group_by_name
+from megatron_cola.parallel.layers import ShardedModule, divide_evenly, group_by_name
 from megatron_cola.parallel.mappings import copy_to_tp, reduce_to_sharded_tp
 from megatron_cola.parallel.state import ParallelState
 
@@ -59,7 +59,7 @@ def _kept_linear_all_reduce(
     with torch.profiler.record_function(A_GEMM_RANGE):
         partial = F.linear(x, weight)  # (..., n): partial sum over the input shards
     payload = torch.cat((partial, extra.to(partial.dtype)), dim=-1)  # (..., n + e)
-    group = _group_by_name(group_name)
+    group = group_by_name(group_name)
     dist.all_reduce(payload, group=group)
     record("all_reduce", "forward", payload.numel(), payload.element_size(), dist.get_world_size(group))
     return payload
@@ -122,8 +122,8 @@ class BottleneckCoLA(ShardedModule):
         super().__init__()
         self.in_features, self.out_features, self.rank = in_features, out_features, rank
         self.tp_size = state.tp_size
-        self.in_features_local = _divide(in_features, state.tp_size, "in_features")
-        self.out_features_local = _divide(out_features, state.tp_size, "out_features")
+        self.in_features_local = divide_evenly(in_features, state.tp_size, "in_features")
+        self.out_features_local = divide_evenly(out_features, state.tp_size, "out_features")
         self.activation = activation
         self.act_fn = get_activation(activation)
         self.norm_eps = norm_eps
@@ -256,7 +256,7 @@ class HiddenShardedEmbedding(ShardedModule):
     ) -> None:
         super().__init__()
         self.num_embeddings, self.embedding_dim = num_embeddings, embedding_dim
-        self.embedding_dim_local = _divide(embedding_dim, state.tp_size, "hidden_size")
+        self.embedding_dim_local = divide_evenly(embedding_dim, state.tp_size, "hidden_size")
         self._add_sharded("weight", (num_embeddings, embedding_dim), 1, state, device, dtype)  # (V, d/t)
 
     @classmethod

@@ -64,13 +64,16 @@ from megatron_cola.parallel.mappings import (
 from megatron_cola.parallel.state import ParallelState
 
 
-def _divide(n: int, t: int, what: str) -> int:
+def divide_evenly(n: int, t: int, what: str) -> int:
+    """``n / t``, or ``ValueError`` naming ``what`` when ``t`` does not divide it."""
     if n % t:
         raise ValueError(f"{what} {n} is not divisible by tensor-model-parallel size {t}")
     return n // t
 
 
-def _group_by_name(name: str) -> ProcessGroup:
+def group_by_name(name: str) -> ProcessGroup:
+    """The process group called ``name`` (custom ops take groups by name: ``torch.compile`` cannot
+    trace a group object)."""
     return torch.distributed.distributed_c10d._resolve_process_group(name)
 
 
@@ -82,7 +85,7 @@ def _kept_linear_reduce_scatter(
     partial sums, one op kept by CoLA-M (``register_kept_op``)."""
     with torch.profiler.record_function(A_GEMM_RANGE):
         partial = F.linear(x, weight)  # (..., r): partial sum over the input shards
-    return reduce_scatter_last_dim_raw(partial, _group_by_name(group_name), "forward")  # (..., r/t)
+    return reduce_scatter_last_dim_raw(partial, group_by_name(group_name), "forward")  # (..., r/t)
 
 
 @_kept_linear_reduce_scatter.register_fake
@@ -94,7 +97,7 @@ def _(x: torch.Tensor, weight: torch.Tensor, group_name: str, tp_size: int) -> t
 def _all_gather_last_dim_op(x: torch.Tensor, group_name: str, tp_size: int) -> torch.Tensor:
     """The kept op's backward all-gather, opaque to ``torch.compile`` (a traced one would put the process
     group object into the compiled backward graph, which cannot be copied)."""
-    return all_gather_last_dim_raw(x, _group_by_name(group_name), "backward")
+    return all_gather_last_dim_raw(x, group_by_name(group_name), "backward")
 
 
 @_all_gather_last_dim_op.register_fake
@@ -140,7 +143,7 @@ class ShardedModule(nn.Module):
         device: torch.device | str | None,
         dtype: torch.dtype | None,
     ) -> nn.Parameter:
-        _divide(full_shape[dim], state.tp_size, f"dim {dim} of {full_shape}")
+        divide_evenly(full_shape[dim], state.tp_size, f"dim {dim} of {full_shape}")
         spec = ShardSpec(tuple(full_shape), dim, state.tp_size, state.tp_rank)
         self.shard_specs[name] = spec
         param = nn.Parameter(torch.empty(spec.local_shape, device=device, dtype=dtype))
@@ -206,8 +209,8 @@ class ColumnParallelCoLA(_ShardedCoLA):
         self.in_features, self.out_features, self.rank = in_features, out_features, rank
         self.keep_a_output = keep_a_output
         self.tp_size = state.tp_size
-        self.rank_local = _divide(rank, state.tp_size, "cola_rank")
-        self.out_features_local = _divide(out_features, state.tp_size, "out_features")
+        self.rank_local = divide_evenly(rank, state.tp_size, "cola_rank")
+        self.out_features_local = divide_evenly(out_features, state.tp_size, "out_features")
         self.activation = activation
         self.act_fn = get_activation(activation)
         self.group = state.tp_group
@@ -253,8 +256,8 @@ class RowParallelCoLA(_ShardedCoLA):
         self.in_features, self.out_features, self.rank = in_features, out_features, rank
         self.keep_a_output = keep_a_output
         self.tp_size = state.tp_size
-        self.rank_local = _divide(rank, state.tp_size, "cola_rank")
-        self.in_features_local = _divide(in_features, state.tp_size, "in_features")
+        self.rank_local = divide_evenly(rank, state.tp_size, "cola_rank")
+        self.in_features_local = divide_evenly(in_features, state.tp_size, "in_features")
         self.activation = activation
         self.act_fn = get_activation(activation)
         self.group = state.tp_group
@@ -305,7 +308,7 @@ class ColumnParallelLinear(ShardedModule):
         super().__init__()
         self.in_features, self.out_features = in_features, out_features
         self.tp_size = state.tp_size
-        self.out_features_local = _divide(out_features, state.tp_size, "out_features")
+        self.out_features_local = divide_evenly(out_features, state.tp_size, "out_features")
         self.group = state.tp_group
         self._add_sharded("weight", (out_features, in_features), 0, state, device, dtype)  # (out/t, in)
 
@@ -350,7 +353,7 @@ class VocabParallelLMHead(ShardedModule):
         super().__init__()
         self.in_features, self.out_features = in_features, out_features
         self.tp_size = state.tp_size
-        self.out_features_local = _divide(out_features, state.tp_size, "vocab_size")
+        self.out_features_local = divide_evenly(out_features, state.tp_size, "vocab_size")
         self.gather_input = gather_input
         self.group = state.tp_group
         self._add_sharded("weight", (out_features, in_features), 0, state, device, dtype)  # (V/t, d)
@@ -404,7 +407,7 @@ class RowParallelLinear(ShardedModule):
         super().__init__()
         self.in_features, self.out_features = in_features, out_features
         self.tp_size = state.tp_size
-        self.in_features_local = _divide(in_features, state.tp_size, "in_features")
+        self.in_features_local = divide_evenly(in_features, state.tp_size, "in_features")
         self.group = state.tp_group
         self._add_sharded("weight", (out_features, in_features), 1, state, device, dtype)  # (out, in/t)
 
@@ -444,7 +447,7 @@ class VocabParallelEmbedding(ShardedModule):
         super().__init__()
         self.num_embeddings, self.embedding_dim = num_embeddings, embedding_dim
         self.tp_size = state.tp_size
-        self.num_embeddings_local = _divide(num_embeddings, state.tp_size, "vocab_size")
+        self.num_embeddings_local = divide_evenly(num_embeddings, state.tp_size, "vocab_size")
         self.vocab_start = state.tp_rank * self.num_embeddings_local
         self.group = state.tp_group
         self._add_sharded("weight", (num_embeddings, embedding_dim), 0, state, device, dtype)  # (V/t, d)
@@ -497,4 +500,6 @@ __all__ = [
     "ShardedModule",
     "VocabParallelEmbedding",
     "VocabParallelLMHead",
+    "divide_evenly",
+    "group_by_name",
 ]
