@@ -500,7 +500,55 @@ def test_async_save_kill_resume_equals_sync_run(
     # A resume refused by its checks writes nothing into the checkpoint directory.
     (ckpt / "ds_config.json").unlink()
     before = sorted(os.listdir(ckpt))
-    changed = [*_run_args(synthetic_prefix), "--load", str(ckpt), "--save", str(ckpt), "--lr", "1e-3"]
+    changed = [
+        *_run_args(synthetic_prefix),
+        "--load",
+        str(ckpt),
+        "--save",
+        str(ckpt),
+        "--global-batch-size",
+        "32",
+    ]
     refused = run_torchrun(changed, nproc=1, check=False)
-    assert refused.returncode != 0 and "--lr was 0.003, now 0.001" in refused.stderr
+    assert refused.returncode != 0
+    assert "--global-batch-size was 16, now 32 (pass --global-batch-size 16" in refused.stderr
     assert sorted(os.listdir(ckpt)) == before
+
+
+@pytest.mark.slow
+def test_checkpoint_info_on_a_real_checkpoint(base_run: Path, tmp_path: Path, capsys) -> None:
+    """``tools/checkpoint_info.py`` on the 2-rank ZeRO-1 run's checkpoints: layout, progress, manifest
+    verdict and the layouts it resumes on; exit 1 once a byte is flipped, 0 again with --no-verify."""
+    import json
+
+    from megatron_cola.cli.checkpoint_info import main
+
+    ckpt = _copy(base_run, tmp_path)
+    assert main([str(ckpt), "--json"]) == 0
+    info = json.loads(capsys.readouterr().out)
+    assert info["path"] == str(ckpt / "iter_0000004") and info["kind"] == "training"
+    assert (info["iteration"], info["consumed_samples"], info["consumed_tokens"]) == (4, 64, 64 * 64)
+    layout = {k: info[k] for k in ("tp_size", "dp_size", "world_size", "zero_stage", "dtype")}
+    assert layout == {"tp_size": 1, "dp_size": 2, "world_size": 2, "zero_stage": 1, "dtype": "fp32"}
+    assert info["bytes"] == sum(p.stat().st_size for p in (ckpt / "iter_0000004").iterdir())
+    assert info["manifest"]["status"] == "verified" and info["manifest"]["problems"] == []
+    assert (info["resumable"]["tp_size"], info["resumable"]["zero_stage"], info["resumable"]["dp_size"]) == (
+        1,
+        1,
+        2,
+    )
+
+    assert main([str(ckpt / "iter_0000002")]) == 0  # one checkpoint directory, human-readable
+    out = capsys.readouterr().out
+    assert "iteration:    2, consumed samples 32 (2048 tokens)" in out
+    assert "layout:       TP 1, DP 2, world 2, ZeRO-1, fp32" in out and "manifest:     verified" in out
+    assert "resumable on: TP 1, ZeRO-1, DP 2 (--no-load-optim: any ZeRO stage and DP size" in out
+
+    bad = ckpt / "iter_0000004" / "zero_pp_rank_1_mp_rank_00_optim_states.pt"
+    _flip_byte(bad, 4000)
+    assert main([str(ckpt)]) == 1
+    out = capsys.readouterr().out
+    assert "manifest:     failed" in out and f"{bad} does not match its xxh3_128 checksum" in out
+    assert main([str(ckpt), "--no-verify"]) == 0
+    assert "not verified (--no-verify)" in capsys.readouterr().out
+    assert main([str(tmp_path / "nothing")]) == 2

@@ -150,7 +150,8 @@ def test_deepspeed_accelerator_follows_device() -> None:
 
 def test_cpu_run_on_a_gpu_box_trains_and_names_its_optimizer(synthetic_prefix: str, tmp_path) -> None:
     """``pretrain_cola.py --device cpu`` where DeepSpeed would choose cuda; one process, a log interval
-    (2) that does not divide the eval interval (3), and --peak-tflops for an MFU on the CPU."""
+    (2) that does not divide the eval interval (3), and --peak-tflops for an MFU on the CPU. The start-up
+    lines a newcomer waits for come before the first iteration, which is logged at once."""
     tb = tmp_path / "tb"
     args = synthetic_args(
         synthetic_prefix, "--train-iters", "6", "--device", "cpu", "--tensorboard-dir", str(tb)
@@ -164,14 +165,25 @@ def test_cpu_run_on_a_gpu_box_trains_and_names_its_optimizer(synthetic_prefix: s
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     assert "> optimizer: torch AdamW (fused)\n" in proc.stdout
     assert "> MFU against a peak of 2 TFLOP/s per device (--peak-tflops)" in proc.stdout
-    assert proc.stdout.count("% of 2 TFLOP/s | peak memory (GiB): ") == 3
+    assert proc.stdout.count("% of 2 TFLOP/s | peak memory (GiB): ") == 4  # iteration 1 at once, then 2, 4, 6
     rows = [json.loads(x) for x in (tb / "metrics.jsonl").read_text().splitlines()]
     throughput = [r for r in rows if r["kind"] == "throughput"]
-    assert [r["iteration"] for r in throughput] == [2, 4, 6]
+    assert [r["iteration"] for r in throughput] == [1, 2, 4, 6]
     assert [r["iteration"] for r in rows if r["kind"] == "validation"] == [3, 6]
     for r in throughput:
         assert r["optimizer"] == "torch AdamW (fused)" and r["peak_tflops"] == 2.0
         assert r["mfu"] == pytest.approx(r["tflops_per_device"] / 2.0)
+        assert 0 < r["elapsed_seconds"] and r["eta_seconds"] >= 0
+    assert throughput[-1]["eta_seconds"] == 0.0
+    out = proc.stdout
+    summary = out.index("> train split: 540 documents, ")
+    assert (
+        summary
+        < out.index("> validation split: 30 documents, ")
+        < out.index("> time to initialize (seconds): ")
+    )
+    assert out.index("> time to initialize (seconds): ") < out.index(" iteration        1/       6 |")
+    assert " | elapsed: 0:00:0" in out and " | ETA: 0:00:0" in out
 
 
 # ------------------------------------------------------------------------------------------ bench_train

@@ -1,18 +1,12 @@
-"""``TrainConfig`` built once from the flags, and ``StepLog``'s deferred metrics against per-step ones."""
+"""``TrainConfig`` built once from the flags (the deferred step metrics: ``tests/test_metrics.py``)."""
 
 from __future__ import annotations
 
 import dataclasses
-import json
 
 import pytest
-import torch
-from torch.overrides import TorchFunctionMode
 
-from megatron_cola.parallel import ParallelState
 from megatron_cola.training.arguments import ArgumentError, build_parser, build_train_config, parse_args
-from megatron_cola.training.logging_utils import MetricsWriter
-from megatron_cola.training.step_log import StepLog
 from megatron_cola.training.train_config import TrainConfig
 
 from .conftest import synthetic_args
@@ -41,51 +35,3 @@ def test_model_checks_are_owned_by_model_args(synthetic_prefix: str) -> None:
     argv = synthetic_args(synthetic_prefix, "--train-iters", "2", "--full-rank", "--recompute", "cola-m")
     with pytest.raises(ArgumentError, match=r"--full-rank.*needs a CoLA model"):
         build_train_config(parse_args(argv), 1)
-
-
-class _HostReads(TorchFunctionMode):
-    """Counts the tensor methods that copy a value to the host."""
-
-    NAMES = ("item", "tolist", "__float__", "__int__", "__bool__", "cpu", "numpy")
-
-    def __init__(self) -> None:
-        super().__init__()
-        self.calls: list[str] = []
-
-    def __torch_function__(self, func, types, args=(), kwargs=None):
-        name = getattr(func, "__name__", "")
-        if name in self.NAMES:
-            self.calls.append(name)
-        return func(*args, **(kwargs or {}))
-
-
-def test_step_log_defers_and_matches_per_step_values(tmp_path) -> None:
-    writer = MetricsWriter(str(tmp_path), enabled=True)
-    log = StepLog(ParallelState.single(), writer)
-    gen = torch.Generator().manual_seed(0)
-    losses = [torch.rand((), generator=gen) * 10 for _ in range(5)]
-    norms = [torch.rand((), generator=gen) for _ in range(5)]
-    with _HostReads() as reads:
-        for i, (loss, norm) in enumerate(zip(losses, norms), start=1):
-            log.add(i, 64 * i, loss, 1e-3 * i, norm)
-    assert reads.calls == []  # queuing a step never reads a value on the host
-    path = tmp_path / "metrics.jsonl"
-    assert path.read_text() == ""  # nothing written between log intervals
-    logged = log.flush()
-    assert logged == [(i, float(loss)) for i, loss in enumerate(losses, start=1)]  # bitwise, per step
-    records = [json.loads(line) for line in path.read_text().splitlines()]
-    expected = [
-        {
-            "kind": "train",
-            "iteration": i,
-            "consumed_tokens": 64 * i,
-            "lm_loss": float(loss),
-            "lr": 1e-3 * i,
-            "grad_norm": float(norm),
-            "skipped": False,
-        }
-        for i, (loss, norm) in enumerate(zip(losses, norms), start=1)
-    ]
-    assert records == expected
-    assert log.last_grad_norm == float(norms[-1]) and log.flush() == []
-    writer.close()

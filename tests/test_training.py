@@ -216,8 +216,18 @@ def test_resume_refuses_incompatible_flags(synthetic_prefix: str, tmp_path) -> N
         [*synthetic_args(synthetic_prefix, "--train-iters", "4", "--seq-length", "32"), "--load", str(ckpt)],
         check=False,
     )
-    assert proc.returncode != 0
-    assert "cannot resume exactly" in proc.stderr and "--seq-length was 64, now 32" in proc.stderr
+    assert proc.returncode != 0 and "cannot resume exactly" in proc.stderr
+    assert "--seq-length was 64, now 32 (pass --seq-length 64)" in proc.stderr
+    # A finished run continues with a larger --train-iters (on the checkpoint's LR schedule, as logged).
+    tb = tmp_path / "tb"
+    more = [*synthetic_args(synthetic_prefix, "--train-iters", "4"), "--load", str(ckpt), "--save", str(ckpt)]
+    extended = run_torchrun([*more, "--tensorboard-dir", str(tb)])
+    assert "> lr schedule: from the checkpoint" in extended.stdout
+    assert (
+        "--train-iters was 2, now 4: iterations 3-4 run past the checkpoint's --lr-decay-iters 2"
+        in extended.stdout
+    )
+    assert sorted(train_losses(tb)) == [3, 4] and (ckpt / "latest").read_text().strip() == "iter_0000004"
 
 
 def test_incomplete_checkpoint_is_ignored(tmp_path) -> None:

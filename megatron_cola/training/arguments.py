@@ -189,6 +189,17 @@ def _add_checkpoint_and_logging_flags(p: argparse.ArgumentParser) -> None:
     g.add_argument("--finetune", action="store_true", help="load only the weights; start at iteration 0")
     g.add_argument("--no-load-optim", action="store_true", help="do not load optimizer states")
     g.add_argument("--no-load-rng", action="store_true", help="do not load RNG states")
+    g.add_argument(
+        "--override-opt-param-scheduler",
+        action="store_true",
+        help="on resume, take the LR schedule (--lr, --min-lr, --lr-warmup-iters, --lr-decay-iters, "
+        "--lr-decay-style) from the flags instead of the checkpoint",
+    )
+    g.add_argument(
+        "--use-checkpoint-opt_param-scheduler",
+        action="store_true",
+        help="on resume, keep the checkpoint's LR schedule (the default; Megatron's explicit form)",
+    )
     g.add_argument("--eval-interval", type=int, default=1000, help="validate every N iterations")
     g.add_argument("--eval-iters", type=int, default=10, help="validation batches per evaluation")
     g.add_argument("--log-interval", type=int, default=10, help="log every N iterations")
@@ -412,6 +423,11 @@ def build_train_config(args: argparse.Namespace, world_size: int | None = None) 
     _check_checkpoint_reliability_flags(v)
     if v["finetune"] and not v["load"]:
         raise ArgumentError("--finetune needs --load DIR")
+    if v["override_opt_param_scheduler"] and v["use_checkpoint_opt_param_scheduler"]:
+        raise ArgumentError(
+            "--override-opt-param-scheduler (the LR schedule from the flags) and "
+            "--use-checkpoint-opt_param-scheduler (the checkpoint's) contradict each other: pass one"
+        )
     _model_args(v, None)  # the model's own checks, before any process-group work
     v["data_path"] = tuple(v["data_path"])
     return TrainConfig(**v)

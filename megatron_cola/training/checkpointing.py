@@ -45,24 +45,28 @@ from megatron_cola.config import EXECUTION_FIELDS, ModelArgs
 from megatron_cola.errors import CheckpointError
 from megatron_cola.parallel import ParallelState
 from megatron_cola.training.logging_utils import print_rank_0
+from megatron_cola.training.schedule import SCHEDULE_FLAGS, Schedule, show_value
 from megatron_cola.training.train_config import TrainConfig
 
-# Flags that must agree between a checkpoint and the run resuming it, and what to do otherwise.
+# Flags that must agree between a checkpoint and the run resuming it (the refusal says what to pass).
+# The LR schedule is not among them: the checkpoint's is kept unless --override-opt-param-scheduler
+# (``resumed_schedule``), and --train-iters is only the loop's length, so a finished run can be extended.
 _MUST_MATCH = {
     "seq_length": "--seq-length",
     "global_batch_size": "--global-batch-size",
     "tensor_model_parallel_size": "--tensor-model-parallel-size",
-    "train_iters": "--train-iters",
-    "lr": "--lr",
-    "lr_decay_style": "--lr-decay-style",
-    "min_lr": "--min-lr",
-    "lr_warmup_iters": "--lr-warmup-iters",
-    "lr_decay_iters": "--lr-decay-iters",
     "seed": "--seed",
+}
+# What else a refusal says, per flag.
+_MUST_MATCH_HINTS = {
+    "global_batch_size": "an iteration of the checkpoint's schedule is one batch of that size; to change "
+    "it, --finetune starts a fresh schedule from the checkpoint's weights",
 }
 _RECORDED_FLAGS = sorted(
     set(_MUST_MATCH)
+    | set(SCHEDULE_FLAGS)
     | {
+        "train_iters",
         "zero_stage",
         "cola_tp_scheme",  # absent from older checkpoints: they were all "split-rank"
         "bf16",
@@ -291,7 +295,8 @@ def save_checkpoint(
     client_state = {
         "iteration": iteration,
         "consumed_samples": consumed_samples,
-        "args": recorded_flags(cfg),
+        # The LR schedule in effect: after a resume, the checkpoint's unless --override-opt-param-scheduler.
+        "args": {**recorded_flags(cfg), **engine.lr_scheduler.schedule.values()},
         "model_args": model_args.to_dict(),
         "world_size": cfg.world_size,
         "zero_stage": cfg.zero_stage,
@@ -365,7 +370,8 @@ def check_compatible(client_state: dict[str, Any], cfg: TrainConfig, model_args:
         )
     saved = client_state.get("args", {})
     problems = [
-        f"{flag} was {saved[key]!r}, now {getattr(cfg, key)!r}"
+        f"{flag} was {saved[key]!r}, now {getattr(cfg, key)!r} (pass {flag} {saved[key]}"
+        + (f"; {_MUST_MATCH_HINTS[key]})" if key in _MUST_MATCH_HINTS else ")")
         for key, flag in _MUST_MATCH.items()
         if key in saved and saved[key] != getattr(cfg, key)
     ]
@@ -388,6 +394,51 @@ def check_compatible(client_state: dict[str, Any], cfg: TrainConfig, model_args:
         raise CheckpointError("cannot resume exactly from this checkpoint: " + "; ".join(problems))
 
 
+def resumed_schedule(client_state: dict[str, Any], cfg: TrainConfig, iteration: int) -> Schedule:
+    """The LR schedule a resumed run follows (Megatron's rule), with the log lines that say so: the
+    checkpoint's (its recorded flags; the run's for a value it predates), or the flags' with
+    ``--override-opt-param-scheduler``. ``--train-iters`` is the loop's length either way."""
+    ours = Schedule.from_values(cfg.to_dict())
+    if cfg.override_opt_param_scheduler:
+        schedule = ours
+        source = "from the flags (--override-opt-param-scheduler)"
+    else:
+        schedule = Schedule.from_values(client_state.get("args", {}), fallback=cfg.to_dict())
+        source = "from the checkpoint"
+    print_rank_0(
+        f"> lr schedule: {source} ({schedule.describe()}); iteration {iteration + 1} runs at lr "
+        f"{schedule.lr_at(iteration):.6g}"
+    )
+    if cfg.override_opt_param_scheduler:
+        return schedule
+    ignored = [
+        f"{flag} {show_value(getattr(ours, key))}"
+        for key, flag in SCHEDULE_FLAGS.items()
+        if getattr(ours, key) != getattr(schedule, key)
+    ]
+    if ignored:
+        print_rank_0(
+            f"> not used: {', '.join(ignored)} (this run's flags; the checkpoint's schedule is kept: pass "
+            "--override-opt-param-scheduler to take it from the flags)"
+        )
+    saved_iters = client_state.get("args", {}).get("train_iters")
+    if saved_iters is not None and saved_iters != cfg.train_iters:
+        print_rank_0(f"> --train-iters was {saved_iters}, now {cfg.train_iters}: {_extension(schedule, cfg)}")
+    return schedule
+
+
+def _extension(schedule: Schedule, cfg: TrainConfig) -> str:
+    """How the iterations of a changed ``--train-iters`` are scheduled on the checkpoint's schedule."""
+    end = max(schedule.lr_decay_iters, schedule.lr_warmup_iters)
+    if schedule.lr_decay_style == "constant" or cfg.train_iters <= end:
+        return f"the run ends at iteration {cfg.train_iters}, on the checkpoint's schedule"
+    return (
+        f"iterations {end + 1}-{cfg.train_iters} run past the checkpoint's --lr-decay-iters "
+        f"{schedule.lr_decay_iters} at --min-lr {schedule.min_lr:.6g} (Megatron's rule; with "
+        "--override-opt-param-scheduler they decay over the flags' --lr-decay-iters, default --train-iters)"
+    )
+
+
 def load_checkpoint(
     engine: Any, cfg: TrainConfig, model_args: ModelArgs, reader: CheckpointReader
 ) -> tuple[int, int, list[dict[str, Any]]]:
@@ -408,7 +459,9 @@ def load_checkpoint(
         )
     check_compatible(meta, cfg, model_args)
     history = resumed_data_history(meta, cfg, int(meta["iteration"]), int(meta["consumed_samples"]))
+    schedule = resumed_schedule(meta, cfg, int(meta["iteration"]))
     client_state = load_engine_state(engine, reader, load_optimizer_states=not cfg.no_load_optim)
+    engine.lr_scheduler.set_schedule(schedule)  # after the load: the next step's lr is the schedule's
     if cfg.no_load_optim:
         print_rank_0(
             f"> --no-load-optim: Adam's state (moments and step counts) was not loaded from {reader.dir}; "

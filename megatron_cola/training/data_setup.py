@@ -46,6 +46,36 @@ def build_datasets(cfg: TrainConfig, vocab_size: int, eod: int | None = None) ->
         raise DataError(str(e)) from e
 
 
+def _split_sizes(dataset: Any) -> tuple[int, int, int]:
+    """``(documents, samples, epochs)`` of a ``GPTDataset``, or of a ``BlendedDataset`` (its components'
+    documents, its own samples, the most epochs of any component)."""
+    parts = getattr(dataset, "datasets", None)
+    if parts is not None:
+        sizes = [_split_sizes(part) for part in parts]
+        return sum(d for d, _, _ in sizes), len(dataset), max(e for _, _, e in sizes)
+    documents = int(dataset.documents.size)
+    return documents, len(dataset), int(dataset.document_index.size) // documents
+
+
+def describe_datasets(train: Any, valid: Any, test: Any) -> list[str]:
+    """One line per built split (``train``, ``validation``, ``test``), as Megatron summarises its
+    datasets: ``> train split: 540 documents, 1650 samples, 3 epochs``. The samples are those indexed
+    (whole epochs: at least what the run reads); the epochs are how many passes over the split's
+    documents they take."""
+    lines = []
+    for name, dataset in (("train", train), ("validation", valid), ("test", test)):
+        if dataset is None:
+            continue
+        parts = getattr(dataset, "datasets", None)
+        documents, samples, epochs = _split_sizes(dataset)
+        blend = f" ({len(parts)} datasets blended)" if parts else ""
+        lines.append(
+            f"> {name} split{blend}: {documents} documents, {samples} samples, "
+            f"{epochs} epoch{'s' if epochs != 1 else ''}"
+        )
+    return lines
+
+
 def make_loader(
     cfg: TrainConfig, dataset: Any, consumed_samples: int, parallel: ParallelState
 ) -> torch.utils.data.DataLoader:

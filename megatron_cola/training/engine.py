@@ -14,8 +14,9 @@ import torch
 from megatron_cola.config import DEFAULT_TP_SCHEME, ModelArgs
 from megatron_cola.model import CoLALlama
 from megatron_cola.parallel import ParallelState, parallelize
+from megatron_cola.training.guards import guard_optimizer
 from megatron_cola.training.logging_utils import print_rank_0
-from megatron_cola.training.schedule import build_scheduler
+from megatron_cola.training.schedule import Schedule, build_scheduler
 from megatron_cola.training.train_config import TrainConfig
 
 
@@ -145,17 +146,16 @@ def build_engine(
 ) -> tuple[Any, Any]:
     """``(engine, scheduler)``: the optimizer and schedule wrapped by ``deepspeed.initialize`` with
     ``ds_config`` (``build_ds_config``, built once by the caller), around the ``parallelize``d model.
-    Nothing is written: the trainer saves the DeepSpeed config into ``--save`` once a resume's checks
-    passed."""
+    The schedule drives the optimizer itself; DeepSpeed gets it through ``guard_optimizer`` (a
+    ``GuardedOptimizer`` where the non-finite guard must be able to hold a step). Nothing is written:
+    the trainer saves the DeepSpeed config into ``--save`` once a resume's checks passed."""
     import deepspeed
 
     optimizer = build_optimizer(cfg, model, device)
-    scheduler = build_scheduler(
-        optimizer, cfg.lr, cfg.min_lr, cfg.lr_warmup_iters, cfg.lr_decay_iters, cfg.lr_decay_style
-    )
+    scheduler = build_scheduler(optimizer, Schedule.from_values(cfg.to_dict()))
     engine, _, _, _ = deepspeed.initialize(
         model=model,
-        optimizer=optimizer,
+        optimizer=guard_optimizer(cfg, optimizer),
         lr_scheduler=scheduler,
         config=copy.deepcopy(ds_config),  # the caller's copy stays as built (it is saved with the run)
         mpu=parallel.mpu(),

@@ -8,9 +8,11 @@ guard decides two things, and the ranks must agree on both:
   optimizers compute the global grad norm over every rank, so the ranks agree), DeepSpeed decides and
   the guard adds nothing to the step: no device work, no host read. A non-finite loss of a step that
   DeepSpeed applied anyway (finite gradients) is reported when the step is logged, from the
-  data-parallel mean loss the log reads anyway (non-finite when any rank's was). ZeRO-0 in fp32 uses the
-  plain torch optimizer, which has no such check: there the guard measures the loss and gradients itself
-  and must know the answer on the host before the step (one device-to-host read; the step is held).
+  data-parallel mean loss the log reads anyway (non-finite when any rank's was). ZeRO-0 in fp32 steps
+  the plain torch optimizer, which has no such check: there ``guard_optimizer`` hands DeepSpeed a
+  ``GuardedOptimizer`` (a ``torch.optim.Optimizer`` of ours around AdamW) and the guard measures the
+  loss and gradients itself; it must know the answer on the host before the step (one device-to-host
+  read) and tells the wrapper to hold that one step.
 - **stop after this step?** A signal (SIGTERM/SIGUSR1, ``--exit-signal-handler``) or
   ``--exit-duration-in-mins`` on this rank's clock. These are host facts: one rank reads them directly;
   several ranks take their maximum with one all-reduce of a small CPU tensor over a gloo group (the
@@ -20,7 +22,8 @@ Per step, then: one rank needs no collective and no host read (unless it is the 
 several ranks need one CPU all-reduce when a stop feature is on (the exit-signal handler is
 on by default), carrying the ZeRO-0 fp32 skip flag too (12 bytes). ``tests/test_guards.py`` counts them.
 
-A skipped step keeps the weights, the optimizer state and the LR schedule as they were. After
+A skipped step keeps the weights, the optimizer state and the LR schedule as they were; whether it was
+applied is read from DeepSpeed's public ``engine.was_step_applied()``. After
 ``--max-consecutive-skipped-iters`` skipped steps in a row the run stops with a ``TrainingError``; while
 any skip is pending no checkpoint is written (the weights that produced a non-finite loss may be
 non-finite themselves).
@@ -64,10 +67,6 @@ class ExitSignalHandler:
         self._previous = {}
 
 
-def _no_step(*args: Any, **kwargs: Any) -> None:
-    """Stands in for the plain torch optimizer's ``step`` during a skipped step."""
-
-
 @dataclass
 class Verdict:
     """The ranks' agreed decision for one step."""
@@ -82,8 +81,78 @@ def _host_group() -> Any:
     return None if dist.get_backend() == "gloo" else dist.new_group(backend="gloo")
 
 
+class GuardedOptimizer(torch.optim.Optimizer):
+    """A torch optimizer whose next ``step`` the guard can hold: the one DeepSpeed steps on the ZeRO-0
+    fp32 path, where it uses the client optimizer as it is.
+
+    It wraps ``optimizer`` (which keeps its parameter groups and state: ``param_groups``, ``state`` and
+    ``defaults`` are the wrapped optimizer's own objects, and ``state_dict`` is its state dict, so
+    checkpoints are the same files and the LR schedule, built on the wrapped optimizer, drives the same
+    groups). After ``hold_next_step()`` the next ``step`` leaves the weights and the moments alone and
+    sets ``overflow``: the attribute DeepSpeed's engine reads from whichever optimizer it steps (its own
+    ZeRO and bf16 optimizers set it the same way) to count the skip, hold the LR schedule and answer
+    ``engine.was_step_applied()``.
+    """
+
+    def __init__(self, optimizer: torch.optim.Optimizer) -> None:
+        # Not Optimizer.__init__: that would copy the parameter groups instead of sharing them.
+        self.optimizer = optimizer
+        self.overflow = False  # whether the last step was held
+        self._hold = False
+
+    @property  # type: ignore[override]
+    def param_groups(self) -> list[dict[str, Any]]:
+        return self.optimizer.param_groups
+
+    @param_groups.setter
+    def param_groups(self, groups: list[dict[str, Any]]) -> None:
+        self.optimizer.param_groups = groups
+
+    @property  # type: ignore[override]
+    def state(self) -> Any:
+        return self.optimizer.state
+
+    @property  # type: ignore[override]
+    def defaults(self) -> dict[str, Any]:
+        return self.optimizer.defaults
+
+    def hold_next_step(self) -> None:
+        """Make the next ``step`` a no-op that reports itself as skipped."""
+        self._hold = True
+
+    def step(self, closure: Any = None) -> Any:  # type: ignore[override]
+        held, self._hold = self._hold, False
+        self.overflow = held
+        return None if held else self.optimizer.step(closure)
+
+    def zero_grad(self, set_to_none: bool = True) -> None:
+        self.optimizer.zero_grad(set_to_none=set_to_none)
+
+    def state_dict(self) -> dict[str, Any]:
+        return self.optimizer.state_dict()
+
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        self.optimizer.load_state_dict(state_dict)
+
+    def add_param_group(self, param_group: dict[str, Any]) -> None:
+        self.optimizer.add_param_group(param_group)
+
+    def __repr__(self) -> str:
+        return f"GuardedOptimizer({self.optimizer!r})"
+
+
+def guard_optimizer(cfg: TrainConfig, optimizer: torch.optim.Optimizer) -> torch.optim.Optimizer:
+    """What to hand ``deepspeed.initialize``: ``optimizer`` wrapped in a ``GuardedOptimizer`` where the
+    guard must decide skips itself (the NaN check on, ZeRO-0 in fp32: DeepSpeed steps the client
+    optimizer as it is); ``optimizer`` itself where DeepSpeed wraps it in a ZeRO or bf16 optimizer with
+    its own overflow check (which accepts only the optimizer types it has tested)."""
+    if cfg.check_for_nan_in_loss_and_grad and cfg.zero_stage == 0 and not cfg.bf16:
+        return GuardedOptimizer(optimizer)
+    return optimizer
+
+
 class RunGuard:
-    """The per-step decisions, the skip counters and the exit decision of one run."""
+    """The per-step decisions of one run: skip (and the run of consecutive skips), stop."""
 
     def __init__(
         self,
@@ -99,19 +168,20 @@ class RunGuard:
         self.signals = signals
         self.start_time = start_time
         self.check_nan = cfg.check_for_nan_in_loss_and_grad
-        # The plain torch optimizer (ZeRO-0, fp32) has no overflow check of its own: DeepSpeed's engine
-        # skips a step (and holds the LR schedule) when ``optimizer.overflow`` is true, so we own that flag.
-        self.own_grad_check = self.check_nan and not hasattr(engine.optimizer, "overflow")
-        if self.own_grad_check:
-            engine.optimizer.overflow = False
+        # ZeRO-0 fp32 (``guard_optimizer``): the guard decides; elsewhere DeepSpeed's optimizer does.
+        guarded = engine.optimizer if isinstance(engine.optimizer, GuardedOptimizer) else None
+        self.optimizer: GuardedOptimizer | None = guarded if self.check_nan else None
+        if self.check_nan and self.optimizer is None and not hasattr(engine.optimizer, "overflow"):
+            raise RuntimeError(  # a bug: guard_optimizer did not foresee how DeepSpeed wraps the optimizer
+                f"DeepSpeed steps {type(engine.optimizer).__name__}, which has no overflow check, and the "
+                "guard cannot hold its steps (build the engine with guard_optimizer)"
+            )
         stop_features = signals is not None or cfg.exit_duration_in_mins is not None
         world = dist.get_world_size() if dist.is_initialized() else 1
         # The one collective per step: only where several ranks have something to agree on.
-        self.agree = world > 1 and (stop_features or self.own_grad_check)
+        self.agree = world > 1 and (stop_features or self.optimizer is not None)
         self.group = _host_group() if self.agree else None
         self.consecutive_skips = 0
-        self.total_skips = 0
-        self.window_skips = 0  # since the last log line
         self.exit_reason: str | None = None
         self._applied: set[int] = set()  # iterations applied since the last log (non-finite loss check)
 
@@ -120,7 +190,7 @@ class RunGuard:
         """Agree on this step; call after the last backward, before ``engine.step()``. Reads the device
         only on the ZeRO-0 fp32 path and runs a collective only when several ranks must agree."""
         bad = 0.0
-        if self.own_grad_check:  # the plain optimizer's step is held below: the host needs the answer now
+        if self.optimizer is not None:  # its step is held below: the host needs the answer now
             loss_bad = ~torch.isfinite(torch.stack(losses)).all()
             bad = float((loss_bad | ~torch.isfinite(self._grad_norm())).item())
         received = self.signals.received if self.signals is not None else None
@@ -136,33 +206,31 @@ class RunGuard:
             verdict.exit_reason = f"{name} received (--exit-signal-handler)"
         elif time_up > 0:
             verdict.exit_reason = f"--exit-duration-in-mins {self.cfg.exit_duration_in_mins} reached"
-        if verdict.skip:
-            # Hold this one step: DeepSpeed still clips and zeroes the gradients, the optimizer's step
-            # is a no-op, and ``overflow`` makes DeepSpeed count the skip and hold the LR schedule.
-            self.engine.optimizer.step = _no_step
-            self.engine.optimizer.overflow = True
+        if verdict.skip and self.optimizer is not None:
+            # DeepSpeed still clips and zeroes the gradients; the optimizer leaves the weights and
+            # moments alone and reports the skip, so DeepSpeed counts it and holds the LR schedule.
+            self.optimizer.hold_next_step()
         return verdict
 
     def after_step(self, verdict: Verdict, iteration: int) -> bool:
-        """Count the step; returns whether it was skipped. Raises ``TrainingError`` after too many."""
-        if self.own_grad_check:
-            self.engine.optimizer.overflow = False
-            self.engine.optimizer.__dict__.pop("step", None)  # the optimizer's own step again
+        """Take in the step just run; returns whether it was skipped (``engine.was_step_applied()``)."""
         applied = self.engine.was_step_applied()
-        if applied and self.check_nan:
-            self._applied.add(iteration)
-        skipped = not applied
         if verdict.exit_reason and self.exit_reason is None:
             self.exit_reason = verdict.exit_reason
-        if not skipped:
+        if applied:
+            if self.check_nan:
+                self._applied.add(iteration)
             self.consecutive_skips = 0
             return False
         self.consecutive_skips += 1
-        self.total_skips += 1
-        self.window_skips += 1
+        return True
+
+    def check_skip_limit(self, iteration: int, total_skips: int) -> None:
+        """After a skipped step: say so, and raise ``TrainingError`` after
+        ``--max-consecutive-skipped-iters`` in a row. ``total_skips``: this launch's, the metrics' count."""
         print_rank_0(
             f"> iteration {iteration}: non-finite loss or gradient norm, optimizer step skipped "
-            f"({self.consecutive_skips} in a row, {self.total_skips} in total)"
+            f"({self.consecutive_skips} in a row, {total_skips} in total)"
         )
         limit = self.cfg.max_consecutive_skipped_iters
         if self.check_nan and self.consecutive_skips >= limit:
@@ -172,12 +240,13 @@ class RunGuard:
                 "saving. Lower --lr, raise --lr-warmup-iters or set --clip-grad, and resume from the "
                 "last checkpoint"
             )
-        return True
 
-    def check_logged(self, logged: list[tuple[int, float]]) -> None:
+    def check_logged(self, records: list[dict[str, Any]]) -> None:
         """Warn about applied steps whose logged (data-parallel mean) loss is not finite: DeepSpeed saw
-        finite gradients and applied them. Call with what ``StepLog.flush`` returns."""
-        for iteration, loss in logged:
+        finite gradients and applied them. Call with the ``train`` records ``TrainingMetrics.flush``
+        returns."""
+        for record in records:
+            iteration, loss = record["iteration"], record["lm_loss"]
             if iteration in self._applied and not math.isfinite(loss):
                 print_rank_0(
                     f"> WARNING: iteration {iteration} had a non-finite loss but finite gradients; "
@@ -189,11 +258,6 @@ class RunGuard:
     def save_allowed(self) -> bool:
         """False while the latest step was skipped: its weights may be the ones that went non-finite."""
         return self.consecutive_skips == 0
-
-    def take_window_skips(self) -> int:
-        """Skipped steps since the last call (for the log line)."""
-        n, self.window_skips = self.window_skips, 0
-        return n
 
     # ------------------------------------------------------------------------------------- helpers
     def _grad_norm(self) -> torch.Tensor:

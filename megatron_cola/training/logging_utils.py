@@ -141,7 +141,17 @@ def format_train_line(m: dict[str, Any]) -> str:
     parts.append(f"peak memory (GiB): {m['peak_memory_gb']:.2f}")
     if m.get("skipped_iterations") is not None:
         parts.append(f"number of skipped iterations: {m['skipped_iterations']:3d}")
+    if m.get("elapsed_seconds") is not None:
+        parts.append(f"elapsed: {format_duration(m['elapsed_seconds'])}")
+    if m.get("eta_seconds") is not None:
+        parts.append(f"ETA: {format_duration(m['eta_seconds'])}")
     return " | ".join(parts) + " |"
+
+
+def format_duration(seconds: float) -> str:
+    """``H:MM:SS`` (hours unbounded: ``27:46:40``), rounded to the second."""
+    total = max(0, round(seconds))
+    return f"{total // 3600}:{total // 60 % 60:02d}:{total % 60:02d}"
 
 
 Scalar = tuple[str, float, int]

@@ -76,6 +76,10 @@ class TrainConfig:
     finetune: bool
     no_load_optim: bool
     no_load_rng: bool
+    override_opt_param_scheduler: bool
+    """On resume, the LR schedule comes from the flags (default: from the checkpoint)."""
+    use_checkpoint_opt_param_scheduler: bool
+    """On resume, the LR schedule comes from the checkpoint (the default, said explicitly)."""
     eval_interval: int
     eval_iters: int
     log_interval: int

@@ -2,15 +2,15 @@
 
 ``setup`` builds the model (seeded, TP-sharded), optimizer, schedule and engine, resumes or loads
 weights, and builds the data; ``train_step`` runs one global batch; ``evaluate`` averages the loss over
-``--eval-iters`` batches; ``save`` writes a checkpoint; ``run`` is the loop. Between log intervals the
-losses and grad norms stay on the device (``StepLog``): the host waits for the device only when a line
-is printed, an evaluation runs or a checkpoint is written.
+``--eval-iters`` batches; ``save`` writes a checkpoint; ``run`` is the loop. Every metric goes through
+one ``TrainingMetrics`` (``training/metrics.py``): between log intervals the losses and grad norms stay
+on the device, and the host waits for the device only when a line is printed, an evaluation runs or a
+checkpoint is written.
 """
 
 from __future__ import annotations
 
 import contextlib
-import math
 import os
 import random
 import time
@@ -27,26 +27,22 @@ from megatron_cola.config import ModelArgs
 from megatron_cola.data import check_dataset_files
 from megatron_cola.data.tokenizers import AbstractTokenizer
 from megatron_cola.errors import ConfigError
-from megatron_cola.model.flops import training_flops_per_token
 from megatron_cola.model.sharding import sharding_plan
 from megatron_cola.parallel import ParallelState
 from megatron_cola.training import checkpointing
-from megatron_cola.training.data_setup import build_datasets, make_loader, tokens_and_labels
+from megatron_cola.training.data_setup import (
+    build_datasets,
+    describe_datasets,
+    make_loader,
+    tokens_and_labels,
+)
 from megatron_cola.training.ds_config import build_ds_config, save_ds_config
 from megatron_cola.training.engine import build_engine, build_parallel_model, compile_mode_of, optimizer_name
 from megatron_cola.training.guards import ExitSignalHandler, RunGuard, Verdict
-from megatron_cola.training.logging_utils import (
-    MetricsWriter,
-    StepTimer,
-    device_name,
-    format_train_line,
-    peak_memory_gb,
-    peak_tflops,
-    print_rank_0,
-)
-from megatron_cola.training.step_log import StepLog
+from megatron_cola.training.logging_utils import print_rank_0
+from megatron_cola.training.metrics import TrainingMetrics
 from megatron_cola.training.train_config import TrainConfig
-from megatron_cola.training.watchdog import Watchdog, gather_peers, straggler_line
+from megatron_cola.training.watchdog import Watchdog, gather_peers
 
 
 class Trainer:
@@ -62,7 +58,6 @@ class Trainer:
         self.iteration = 0
         self.consumed_samples = 0
         self.history: dict[str, Any] = {"train": [], "valid": [], "test": None}
-        self.loss_window: list[float] = []  # data-parallel mean losses of the steps since the last line
         self.start_time = time.time()  # for --exit-duration-in-mins
         self.signals: ExitSignalHandler | None = None
         self.watchdog: Watchdog | None = None
@@ -85,18 +80,29 @@ class Trainer:
         torch.manual_seed(cfg.seed)
         print_rank_0(self._banner())
         self.lock = checkpointing.lock_save_dir(cfg)  # before anything reads or writes --save
+        start = time.time()
         self._build_engine()
+        engine_seconds = time.time() - start
         self.history["start_iteration"] = self.iteration
+        start = time.time()
         self.train_ds, self.valid_ds, self.test_ds = build_datasets(
             cfg, self.tokenizer.vocab_size, self.tokenizer.eod
         )
-        self.writer = MetricsWriter.for_run(cfg, enabled=dist.get_rank() == 0)
-        self.step_log = StepLog(self.parallel, self.writer)
-        self.guard = RunGuard(cfg, self.engine, self.device, self.signals, self.start_time)
-        self.split_dims = self._split_dims()
+        for line in describe_datasets(self.train_ds, self.valid_ds, self.test_ds):
+            print_rank_0(line)
         self.train_iter = None
         if self.iteration < cfg.train_iters:
             self.train_iter = iter(make_loader(cfg, self.train_ds, self.consumed_samples, self.parallel))
+        data_seconds = time.time() - start
+        self.metrics = TrainingMetrics.for_run(
+            cfg, self.model_args, self.parallel, self.device, self.optimizer_name
+        )
+        self.guard = RunGuard(cfg, self.engine, self.device, self.signals, self.start_time)
+        self.split_dims = self._split_dims()
+        print_rank_0(
+            f"> time to initialize (seconds): {time.time() - self.start_time:.3f} (model, optimizer and "
+            f"engine: {engine_seconds:.3f}, datasets: {data_seconds:.3f})"
+        )
 
     def _start_watchdog(self) -> None:
         """The hang watchdog (``training/watchdog.py``): one gather of hosts and pids, then a thread."""
@@ -201,24 +207,23 @@ class Trainer:
         self.iteration += 1
         skipped = self.guard.after_step(verdict, self.iteration)
         self.consumed_samples += self.cfg.global_batch_size
-        lr = self.scheduler.get_last_lr()[0]
-        tokens_so_far = self.consumed_samples * self.cfg.seq_length
-        self.step_log.add(
+        self.metrics.record_step(
             self.iteration,
-            tokens_so_far,
+            self.consumed_samples * self.cfg.seq_length,
             torch.stack(losses).mean(),
-            lr,
+            self.scheduler.get_last_lr()[0],
             self.engine.get_global_grad_norm(),
             skipped=skipped,
         )
+        if skipped:  # says so; raises after --max-consecutive-skipped-iters in a row
+            self.guard.check_skip_limit(self.iteration, self.metrics.total_skips)
         if self.watchdog is not None:
             self.watchdog.beat(self.iteration)
 
     def _flush_steps(self) -> None:
-        logged = self.step_log.flush()
-        self.guard.check_logged(logged)
-        self.history["train"] += logged
-        self.loss_window += [loss for _, loss in logged]
+        records = self.metrics.flush()
+        self.guard.check_logged(records)
+        self.history["train"] += [(r["iteration"], r["lm_loss"]) for r in records]
 
     @torch.no_grad()
     def evaluate(self, dataset: Any) -> float:
@@ -240,16 +245,8 @@ class Trainer:
         self._flush_steps()
         with self._long_phase(f"{name} evaluation"):
             loss = self.evaluate(dataset)
-        ppl = math.exp(min(loss, 20.0))
-        line = (
-            f" {name} loss at iteration {self.iteration} | lm loss value: {loss:.6E} | "
-            f"lm loss PPL: {ppl:.6E} |"
-        )
-        bar = "-" * len(line)
-        print_rank_0(f"{bar}\n{line}\n{bar}")
         tokens = self.consumed_samples * self.cfg.seq_length
-        record = {"iteration": self.iteration, "consumed_tokens": tokens, "lm_loss": loss, "ppl": ppl}
-        self.writer.write(name, record)
+        self.metrics.log_evaluation(name, self.iteration, tokens, loss)
         return loss
 
     def save(self) -> str:
@@ -320,34 +317,34 @@ class Trainer:
         self._flush_steps()
         if self.iteration >= self.cfg.train_iters:
             self._final_evaluations()
-        self.writer.close()
+        self.metrics.close()
         self.history["iteration"] = self.iteration
-        self.history["skipped_iterations"] = self.guard.total_skips
+        self.history["skipped_iterations"] = self.metrics.total_skips
         self.history["exit_reason"] = self.guard.exit_reason
         return self.history
 
     def _loop(self) -> None:
-        cfg = self.cfg
-        meter = _Throughput(cfg, self.model_args, self.device)
+        cfg, metrics = self.cfg, self.metrics
+        first = self.iteration + 1  # this launch's first iteration is logged at once
+        metrics.start(self.iteration)
         while self.iteration < cfg.train_iters:
             self.train_step()
-            meter.timer.step()
             if self.saves is not None:
                 self.saves.poll()  # a background save that failed stops the run here
             it = self.iteration
             time_to_save = False
-            if it % cfg.log_interval == 0 or it == cfg.train_iters:
+            if it % cfg.log_interval == 0 or it == cfg.train_iters or it == first:
                 self._flush_steps()
-                meter.log(self)
+                metrics.log(it, self.consumed_samples, self.scheduler.get_last_lr()[0])
                 # A .bin/.idx truncated or rewritten under the run: a DataError naming it (two fstat each).
                 check_dataset_files(self.train_ds, self.valid_ds, self.test_ds)
                 time_to_save = self._minutes_since_save_due()
             if self.valid_ds is not None and cfg.eval_iters > 0 and it % cfg.eval_interval == 0:
-                with meter.timer.paused():  # evaluation is not training time
+                with metrics.paused():  # evaluation is not training time
                     self.history["valid"].append((it, self._evaluate_and_log("validation", self.valid_ds)))
             stop = self._exit_reason()
             if self._save_due(stop is not None, time_to_save):
-                with meter.timer.paused():  # nor is saving
+                with metrics.paused():  # nor is saving
                     self.save()
             if stop:
                 print_rank_0(f"> exiting after iteration {it} ({stop})")
@@ -398,54 +395,3 @@ class Trainer:
             valid.append((self.iteration, self._evaluate_and_log("validation", self.valid_ds)))
         if self.test_ds is not None:
             self.history["test"] = self._evaluate_and_log("test", self.test_ds)
-
-
-class _Throughput:
-    """Timing of the training steps since the last log line (``StepTimer``), and the Megatron-shaped
-    line itself."""
-
-    def __init__(self, cfg: TrainConfig, model_args: ModelArgs, device: torch.device) -> None:
-        self.cfg = cfg
-        self.device = device
-        self.flops_per_token = training_flops_per_token(model_args, cfg.seq_length)
-        self.peak = peak_tflops(device, cfg.peak_tflops)
-        if self.peak is not None:
-            source = "--peak-tflops" if cfg.peak_tflops is not None else device_name(device)
-            print_rank_0(f"> MFU against a peak of {self.peak:.0f} TFLOP/s per device ({source})")
-        elif device.type == "cuda":
-            print_rank_0(f"> no MFU: no known bf16 peak for {device_name(device)!r}; pass --peak-tflops")
-        self.timer = StepTimer(device)
-
-    def log(self, trainer: Trainer) -> None:
-        """Print the line for the steps since the last one (losses averaged over them)."""
-        cfg, window = self.cfg, trainer.loss_window
-        steps, seconds = self.timer.take()
-        step_time = seconds / max(steps, 1)
-        tokens_per_s = cfg.global_batch_size * cfg.seq_length / step_time
-        tflops = self.flops_per_token * tokens_per_s / cfg.world_size / 1e12
-        metrics = {
-            "iteration": trainer.iteration,
-            "train_iters": cfg.train_iters,
-            "consumed_samples": trainer.consumed_samples,
-            "consumed_tokens": trainer.consumed_samples * cfg.seq_length,
-            "step_time_ms": 1000 * step_time,
-            "lr": trainer.scheduler.get_last_lr()[0],
-            "global_batch_size": cfg.global_batch_size,
-            "lm_loss": sum(window) / len(window),
-            "grad_norm": trainer.step_log.last_grad_norm,
-            "tokens_per_second": tokens_per_s,
-            "tflops_per_device": tflops,
-            "flops_per_token": self.flops_per_token,
-            "mfu": tflops / self.peak if self.peak else None,
-            "peak_tflops": self.peak,
-            "optimizer": trainer.optimizer_name,
-            "peak_memory_gb": peak_memory_gb(self.device),
-            "skipped_iterations": trainer.guard.take_window_skips(),
-        }
-        print_rank_0(format_train_line(metrics))
-        if cfg.log_straggler:
-            line = straggler_line(step_time, self.device)
-            if line is not None:
-                print_rank_0(line)
-        trainer.writer.write("throughput", {k: v for k, v in metrics.items() if k != "train_iters"})
-        trainer.loss_window = []
