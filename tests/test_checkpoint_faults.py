@@ -411,11 +411,11 @@ from megatron_cola.training.arguments import build_train_config, model_args_from
 from megatron_cola.training.checkpointing import save_checkpoint
 from megatron_cola.training.ds_config import build_ds_config
 from megatron_cola.training.engine import build_engine, build_parallel_model
-from megatron_cola.training.pretrain import _init_distributed
+from megatron_cola.training.pretrain import init_distributed
 
 cfg = build_train_config(parse_args(sys.argv[1:]), world_size=1)
 model_args = model_args_from(cfg, 256)
-_init_distributed(torch.device("cpu"))
+init_distributed(torch.device("cpu"))
 parallel = ParallelState.from_torch_distributed(1)
 cpu = torch.device("cpu")
 model = build_parallel_model(1, model_args, parallel, cpu)

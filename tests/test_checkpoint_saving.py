@@ -166,7 +166,7 @@ def test_convert_to_hf_never_replaces_the_checkpoint_it_reads(tmp_path: Path) ->
             from megatron_cola.convert.export import export_checkpoint
 
             export_checkpoint(str(ckpt), str(save), overwrite=True)
-        assert convert_to_hf.main(["--load", str(ckpt), "--save", str(save), "--overwrite"]) == 1
+        assert convert_to_hf.main(["--load", str(ckpt), "--save", str(save), "--overwrite"]) == 2
     assert sorted(p.name for p in d.iterdir()) == before
     # --overwrite replaces only an HF export.
     other = tmp_path / "notes"
@@ -190,12 +190,12 @@ from megatron_cola.training.arguments import build_train_config, model_args_from
 from megatron_cola.training.checkpointing import AsyncSaves, save_checkpoint
 from megatron_cola.training.ds_config import build_ds_config
 from megatron_cola.training.engine import build_engine, build_parallel_model
-from megatron_cola.training.pretrain import _init_distributed
+from megatron_cola.training.pretrain import init_distributed
 
 cfg = build_train_config(parse_args(sys.argv[1:]))
 model_args = model_args_from(cfg, 256)
 cpu = torch.device("cpu")
-_init_distributed(cpu)
+init_distributed(cpu)
 rank = dist.get_rank()
 parallel = ParallelState.from_torch_distributed(1)
 model = build_parallel_model(1, model_args, parallel, cpu)

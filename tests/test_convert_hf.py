@@ -287,7 +287,7 @@ def test_bf16_export(exported: dict, tmp_path) -> None:
     tensors = load_file(os.path.join(out, "model.safetensors"))
     assert {t.dtype for t in tensors.values()} == {torch.bfloat16}
     assert not os.path.exists(os.path.join(out, "tokenizer.json"))
-    with pytest.raises(FileExistsError, match="overwrite"):
+    with pytest.raises(ConversionError, match="overwrite"):
         export_checkpoint(ckpt, out, dtype="bf16", with_tokenizer=False)
     export_checkpoint(ckpt, out, dtype="fp32", with_tokenizer=False, overwrite=True)
     assert load_file(os.path.join(out, "model.safetensors"))["lm_head.weight"].dtype == torch.float32
@@ -554,7 +554,7 @@ def test_command_line_tools(exported: dict, tmp_path, capsys: pytest.CaptureFixt
 
     hf_dir, back = str(tmp_path / "hf"), str(tmp_path / "back")
     assert to_hf.main(["--load", ckpt, "--save", hf_dir, "--dtype", "fp32", "--iteration", "10"]) == 0
-    assert to_hf.main(["--load", ckpt, "--save", hf_dir]) == 1
+    assert to_hf.main(["--load", ckpt, "--save", hf_dir]) == 2
     assert "--overwrite" in capsys.readouterr().err
     assert from_hf.main(["--load", hf_dir, "--save", back]) == 0
     assert os.path.exists(os.path.join(back, "iter_0000000", "model_tp00.pt"))

@@ -1,5 +1,6 @@
 """What tools/convert_from_hf.py and a later weights-only load tell the user: an HF folder without a
-tokenizer, and a checkpoint of another architecture (the sizes it records against those asked for)."""
+tokenizer, an existing --save, and a checkpoint of another architecture (the sizes it records against
+those asked for)."""
 
 from __future__ import annotations
 
@@ -23,6 +24,15 @@ def test_import_without_tokenizer_says_so_and_mismatch_names_sizes(tmp_path, cap
     assert main(["--load", str(hf), "--save", str(ckpt)]) == 0
     err = capsys.readouterr().err
     assert f"convert_from_hf: note: {hf} has no tokenizer" in err and "--tokenizer-model PATH" in err
+    # written through the checkpoint seam: manifest, ``latest`` and Megatron's iteration marker
+    assert (ckpt / "latest").read_text().strip() == "iter_0000000"
+    assert (ckpt / "latest_checkpointed_iteration.txt").read_text().strip() == "0"
+    assert (ckpt / "iter_0000000" / "manifest.json").exists()
+    # a user mistake is one plain line and exit status 2, as pretrain_cola.py
+    assert main(["--load", str(hf), "--save", str(ckpt)]) == 2
+    assert capsys.readouterr().err == (
+        f"convert_from_hf: error: {ckpt} already holds a checkpoint; pass --overwrite to replace it\n"
+    )
 
     deeper = build_model(TINY.replace(num_layers=3), seed=0)
     with pytest.raises(CheckpointError) as e:

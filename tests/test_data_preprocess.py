@@ -405,6 +405,39 @@ def test_empty_result_is_an_error_unless_allowed(tmp_path):
     assert len(ds) == 0 and ds.document_indices.tolist() == [0, 0]
 
 
+def test_wrong_json_key_suggests_the_key_and_quiet_caps_the_warnings(tmp_path, capsys):
+    """A JSONL whose text is under another key: --quiet prints the first MAX_REPORTED_BAD_LINES bad lines
+    and one note, and the error names the keys found and the --json-keys to pass."""
+    from megatron_cola.data.preprocess_report import MAX_REPORTED_BAD_LINES
+    from megatron_cola.errors import DataError
+
+    lines = [{"id": i, "content": f"{i} {i + 1} 7", "url": f"u{i}"} for i in range(80)]
+    (tmp_path / "c.jsonl").write_text("".join(json.dumps(obj) + "\n" for obj in lines))
+    config = PreprocessConfig(
+        input=(str(tmp_path / "c.jsonl"),),
+        output_prefix=str(tmp_path / "o"),
+        tokenizer_type="NullTokenizer",
+        vocab_size=100,
+        quiet=True,
+    )
+    with pytest.raises(DataError) as e:
+        preprocess(config)
+    assert "no documents (0 blank lines, 80 bad lines; no line has key 'text'; the lines hold keys " in str(
+        e.value
+    )
+    assert "content, id, url: pass --json-keys content)" in str(e.value)
+    err = capsys.readouterr().err.splitlines()
+    assert len(err) == MAX_REPORTED_BAD_LINES + 1 < 80
+    assert (
+        err[0]
+        == f"warning: {tmp_path / 'c.jsonl'}:1: missing key 'text' (keys: id, content, url) (line skipped)"
+    )
+    assert err[-1] == "warning: more bad lines; only the count is reported from now on"
+    with contextlib.redirect_stdout(io.StringIO()):
+        preprocess(PreprocessConfig(**{**config.__dict__, "json_keys": ("content",)}))
+    assert len(MMapIndexedDataset(f"{config.output_prefix}_content_document")) == 80
+
+
 def test_truncated_gzip_names_the_file(tmp_path):
     src = tmp_path / "c.jsonl.gz"
     with gzip.open(src, "wt") as f:

@@ -189,11 +189,8 @@ def test_cpu_run_on_a_gpu_box_trains_and_names_its_optimizer(synthetic_prefix: s
 # ------------------------------------------------------------------------------------------ bench_train
 @pytest.mark.parametrize("order", ["sequential", "interleaved"])
 def test_bench_train_records_optimizer_peak_and_device(tmp_path, order: str) -> None:
-    sys.path.insert(0, str(ROOT / "tools"))
-    try:
-        import bench_train
-    finally:
-        sys.path.remove(str(ROOT / "tools"))
+    from megatron_cola.cli import bench_train
+
     out = tmp_path / "bench.json"
     flags = ["--model-size", "debug", "--vocab-size", "256", "--seq-length", "32", "--micro-batch-size", "2"]
     flags += ["--steps", "1", "--rounds", "2", "--warmup", "1", "--device", "cpu", "--peak-tflops", "1.5"]

@@ -14,7 +14,7 @@ import time
 import pytest
 import torch
 
-from megatron_cola.training.arguments import ArgumentError, parse_args, validate_args
+from megatron_cola.training.arguments import ArgumentError, build_train_config, parse_args
 
 from .conftest import ROOT, dist_env, synthetic_args
 
@@ -79,7 +79,7 @@ def children(pid: int) -> list[int]:
 
 # ---------------------------------------------------------------------------------------------- flags
 def flags(prefix: str, *extra: str):
-    return validate_args(parse_args(synthetic_args(prefix, "--train-iters", "10", *extra)), 1)
+    return build_train_config(parse_args(synthetic_args(prefix, "--train-iters", "10", *extra)), 1)
 
 
 @pytest.mark.parametrize(

@@ -2,7 +2,9 @@
 
 Arrows point down: errors/atomic_io -> config -> model -> parallel -> checkpoint -> training | convert
 -> cli (entry points). ``data`` sits beside the stack: it uses only the bottom layers and is used only by
-training, convert and the entry points. Lazy imports inside functions count too.
+training, convert and the entry points. Lazy imports inside functions count too. Every ``tools/*.py`` is a
+thin CLI: it runs ``main`` of ``megatron_cola/cli/<its name>.py`` and nothing else, and no entry point
+imports another module's private ``_names``.
 """
 
 from __future__ import annotations
@@ -132,3 +134,82 @@ def test_tools_do_not_patch_sys_path() -> None:
     scripts = [*sorted((ROOT / "tools").glob("*.py")), ROOT / "pretrain_cola.py"]
     patched = [p.name for p in scripts if re.search(r"sys\.path\.(insert|append)", p.read_text())]
     assert set(patched) <= SYS_PATH_ALLOWED, patched
+
+
+def _imports(tree: ast.AST) -> list[ast.Import | ast.ImportFrom]:
+    return [n for n in ast.walk(tree) if isinstance(n, (ast.Import, ast.ImportFrom))]
+
+
+def thin_cli_problems(source: str, name: str) -> list[str]:
+    """Why ``tools/{name}.py`` (``source``) is not a thin CLI over ``megatron_cola.cli.{name}``: it may hold
+    a docstring, ``import sys``, ``from megatron_cola.cli.{name} import main`` and the ``__main__`` guard."""
+    tree = ast.parse(source)
+    problems = []
+    for node in _imports(tree):
+        if isinstance(node, ast.Import) and [a.name for a in node.names] == ["sys"]:
+            continue
+        if isinstance(node, ast.ImportFrom) and node.module == "__future__":
+            continue
+        if (
+            isinstance(node, ast.ImportFrom)
+            and node.module == f"megatron_cola.cli.{name}"
+            and [a.name for a in node.names] == ["main"]
+        ):
+            continue
+        problems.append(f"tools/{name}.py: line {node.lineno} imports {ast.unparse(node)!r}")
+    for node in tree.body:
+        if isinstance(node, (ast.Import, ast.ImportFrom)):
+            continue
+        if isinstance(node, ast.Expr) and isinstance(node.value, ast.Constant):  # the docstring
+            continue
+        if isinstance(node, ast.If) and "__main__" in ast.unparse(node.test):
+            continue
+        problems.append(f"tools/{name}.py: line {node.lineno} holds logic ({type(node).__name__})")
+    return problems
+
+
+def private_imports(source: str) -> list[str]:
+    """``from megatron_cola.X import _name`` lines of ``source`` (another module's private names)."""
+    return [
+        ast.unparse(node)
+        for node in _imports(ast.parse(source))
+        if isinstance(node, ast.ImportFrom)
+        and (node.module or "").startswith("megatron_cola")
+        and any(a.name.startswith("_") for a in node.names)
+    ]
+
+
+def test_tools_are_thin_clis_over_cli() -> None:
+    tools = sorted((ROOT / "tools").glob("*.py"))
+    assert tools, "no tools found"
+    problems = [p for path in tools for p in thin_cli_problems(path.read_text(), path.stem)]
+    missing = [p.stem for p in tools if not (PACKAGE / "cli" / f"{p.stem}.py").exists()]
+    problems += [f"tools/{m}.py has no megatron_cola/cli/{m}.py" for m in missing]
+    assert not problems, "\n".join(problems)
+
+
+def test_entry_points_import_no_private_names() -> None:
+    scripts = [*sorted((ROOT / "tools").glob("*.py")), *sorted((PACKAGE / "cli").glob("*.py"))]
+    scripts += [ROOT / "pretrain_cola.py", *sorted((ROOT / "benchmarks").glob("*.py"))]
+    found = [f"{p.relative_to(ROOT)}: {line}" for p in scripts for line in private_imports(p.read_text())]
+    assert not found, "\n".join(found)
+
+
+@pytest.mark.parametrize(
+    "source",
+    [
+        "import sys\nimport preprocess_data\nfrom megatron_cola.cli.x import main\n",
+        "import sys\nfrom megatron_cola.cli.x import main, helper\n",
+        "import sys\nfrom megatron_cola.cli.y import main\n",
+        "import sys\nfrom megatron_cola.cli.x import main\n\ndef run():\n    return main()\n",
+    ],
+)
+def test_thin_cli_checker_reports_logic_and_sibling_imports(source: str) -> None:
+    assert thin_cli_problems(source, "x"), f"{source!r} should be refused as tools/x.py"
+    assert not thin_cli_problems(
+        '"""doc"""\nimport sys\n\nfrom megatron_cola.cli.x import main\n\n'
+        'if __name__ == "__main__":\n    sys.exit(main())\n',
+        "x",
+    )
+    assert private_imports("from megatron_cola.training.pretrain import _init\n")
+    assert not private_imports("from megatron_cola.training.pretrain import init_distributed\n")

@@ -133,11 +133,11 @@ from megatron_cola.parallel import ParallelState
 from megatron_cola.training.arguments import build_train_config, model_args_from, parse_args
 from megatron_cola.training.checkpointing import load_checkpoint, save_checkpoint
 from megatron_cola.training.engine import build_engine, build_model
-from megatron_cola.training.pretrain import _init_distributed
+from megatron_cola.training.pretrain import init_distributed
 
 save_dir, flags = sys.argv[1], sys.argv[2:]
 cpu = torch.device("cpu")
-_init_distributed(cpu)
+init_distributed(cpu)
 parallel = ParallelState.from_torch_distributed(1)
 
 def engine_for(*extra):

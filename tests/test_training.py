@@ -12,7 +12,7 @@ import sys
 import pytest
 
 from megatron_cola.errors import ConfigError
-from megatron_cola.training.arguments import ArgumentError, parse_args, validate_args
+from megatron_cola.training.arguments import ArgumentError, build_train_config, parse_args
 from megatron_cola.training.ds_config import build_ds_config
 from megatron_cola.training.schedule import lr_at
 
@@ -31,7 +31,7 @@ def train_losses(tb_dir) -> dict[int, float]:
 
 # ---------------------------------------------------------------------------------------------- flags
 def args_for(prefix: str, *extra: str, world_size: int = 2):
-    return validate_args(parse_args(synthetic_args(prefix, "--train-iters", "10", *extra)), world_size)
+    return build_train_config(parse_args(synthetic_args(prefix, "--train-iters", "10", *extra)), world_size)
 
 
 def test_ds_config_matches_flags(synthetic_prefix: str) -> None:
@@ -99,7 +99,7 @@ def test_bad_flags_have_messages(synthetic_prefix: str, extra, world, message) -
 def test_missing_data_path_message(tmp_path) -> None:
     argv = synthetic_args(str(tmp_path / "nope"), "--train-iters", "3")
     with pytest.raises(ArgumentError, match="nope.bin not found"):
-        validate_args(parse_args(argv), 1)
+        build_train_config(parse_args(argv), 1)
 
 
 def test_bad_flags_fail_before_launching(synthetic_prefix: str) -> None:
@@ -121,7 +121,7 @@ def test_bad_flags_fail_before_launching(synthetic_prefix: str) -> None:
 
 
 def test_train_tokens_gives_iters(synthetic_prefix: str) -> None:
-    args = validate_args(parse_args(synthetic_args(synthetic_prefix, "--train-tokens", "10000")), 2)
+    args = build_train_config(parse_args(synthetic_args(synthetic_prefix, "--train-tokens", "10000")), 2)
     assert args.train_iters == math.ceil(10000 / (16 * 64))
 
 
@@ -306,7 +306,7 @@ def test_vocab_size_only_for_null_tokenizer(synthetic_prefix: str, tmp_path) -> 
     argv = synthetic_args(synthetic_prefix, "--train-iters", "2")
     argv[argv.index("NullTokenizer")] = "SentencePieceTokenizer"
     with pytest.raises(ArgumentError, match="--vocab-size is only for --tokenizer-type NullTokenizer"):
-        validate_args(parse_args([*argv, "--tokenizer-model", str(model)]), 1)
+        build_train_config(parse_args([*argv, "--tokenizer-model", str(model)]), 1)
     argv.remove("--vocab-size")
     argv.remove("256")
     proc = subprocess.run(

@@ -19,7 +19,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from megatron_cola.training.arguments import ArgumentError, parse_args, validate_args
+from megatron_cola.training.arguments import ArgumentError, build_train_config, parse_args
 from megatron_cola.training.watchdog import (
     HANG_EXIT_CODE,
     HANG_FLOOR_S,
@@ -146,7 +146,7 @@ def test_sigstop_one_rank_names_it_dumps_stacks_and_resumes_exactly(synthetic_pr
 
 # ---------------------------------------------------------------------------------------------- units
 def _flags(prefix: str, *extra: str):
-    return validate_args(parse_args(synthetic_args(prefix, "--train-iters", "10", *extra)), 1)
+    return build_train_config(parse_args(synthetic_args(prefix, "--train-iters", "10", *extra)), 1)
 
 
 def test_flags_defaults_and_checks(synthetic_prefix: str) -> None:

@@ -35,6 +35,7 @@ from megatron_cola.checkpoint.model_files import (
     load_model_files,
     merge_tp_shards,
     save_model_file,
+    save_weights_checkpoint,
 )
 
 __all__ = [
@@ -50,4 +51,5 @@ __all__ = [
     "read_latest",
     "resolve_checkpoint_dir",
     "save_model_file",
+    "save_weights_checkpoint",
 ]

@@ -22,11 +22,13 @@ parameters gathered (ZeRO-3 included). Each is a ``torch.save`` dict:
 from __future__ import annotations
 
 import os
+import shutil
 from typing import Any
 
 import torch
 
-from megatron_cola.checkpoint.io import CheckpointReader, atomic_torch_save
+from megatron_cola.checkpoint.io import CheckpointReader, CheckpointWriter, atomic_torch_save, failure_message
+from megatron_cola.checkpoint.layout import model_file_name
 from megatron_cola.errors import CheckpointError
 
 FORMAT = "megatron-cola-model"
@@ -63,6 +65,32 @@ def model_file_payload(
 def save_model_file(path: str, state_dict: dict[str, torch.Tensor], *args: Any, **kwargs: Any) -> None:
     """Write one TP rank's model file atomically (arguments as ``model_file_payload``)."""
     atomic_torch_save(model_file_payload(state_dict, *args, **kwargs), path)
+
+
+def save_weights_checkpoint(
+    root: str,
+    state_dict: dict[str, torch.Tensor],
+    args: dict[str, Any],
+    *,
+    iteration: int = 0,
+    vocab_size: int | None = None,
+    tokenizer: dict[str, Any] | None = None,
+) -> str:
+    """A complete weights-only checkpoint under ``root`` (tensor-parallel size 1, unsharded), written
+    through ``CheckpointWriter`` like a training save: the model file, the manifest (``kind="weights"``:
+    loaded as weights, never resumed from), then ``latest`` and ``latest_checkpointed_iteration.txt``.
+    Returns the model file's path; a write that fails raises ``CheckpointError``."""
+    writer = CheckpointWriter(root, iteration)
+    payload = model_file_payload(
+        state_dict, args, {}, vocab_size=vocab_size, iteration=iteration, tokenizer=tokenizer
+    )
+    path = writer.save_torch(model_file_name(0), payload)
+    if writer.failures:
+        shutil.rmtree(writer.dir, ignore_errors=True)
+        raise CheckpointError(failure_message(root, writer.dir, writer.failures))
+    writer.finalize(kind="weights")
+    writer.commit()
+    return path
 
 
 def load_model_files(reader: CheckpointReader) -> list[dict[str, Any]]:

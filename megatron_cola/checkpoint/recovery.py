@@ -16,6 +16,7 @@ import re
 import shutil
 import time
 
+from megatron_cola.checkpoint.deepspeed_state import has_deepspeed_state
 from megatron_cola.checkpoint.io import CheckpointReader, tag_iteration
 from megatron_cola.checkpoint.layout import LATEST_FILE, read_latest
 from megatron_cola.checkpoint.manifest import MANIFEST_FILE
@@ -42,10 +43,6 @@ def iteration_dirs(root: str) -> list[str]:
     return sorted(tags, key=lambda t: tag_iteration(t) or 0, reverse=True)
 
 
-def _has_engine_state(ckpt_dir: str) -> bool:
-    return any(n.endswith("_model_states.pt") and "mp_rank_" in n for n in os.listdir(ckpt_dir))
-
-
 def _kind(reader: CheckpointReader, finetune: bool) -> str:
     """``"training"`` or ``"weights"``; refuses a training checkpoint whose DeepSpeed files are gone
     (unless only its weights are wanted: ``finetune``)."""
@@ -53,7 +50,7 @@ def _kind(reader: CheckpointReader, finetune: bool) -> str:
     if doc is not None:
         return str(doc.get("kind", "training"))
     names = os.listdir(reader.dir)
-    if _has_engine_state(reader.dir):
+    if has_deepspeed_state(reader):
         return "training"
     trained = any(n.startswith("rng_state_") for n in names) or (reader.iteration or 0) > 0
     if trained and not finetune:

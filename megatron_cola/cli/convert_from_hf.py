@@ -40,10 +40,8 @@ def main(argv: list[str] | None = None) -> int:
             )
         for note in notes:
             print(f"convert_from_hf: note: {note.message}", file=sys.stderr)
-    except (MegatronColaError, OSError, ValueError) as err:
-        # convert/ still raises OSError/ValueError for some user mistakes (an existing --save, a missing
-        # tokenizer file); they are printed the same way.
+    except MegatronColaError as err:
         print(f"convert_from_hf: error: {err}", file=sys.stderr)
-        return 1
+        return 2
     print(f"wrote {path}")
     return 0

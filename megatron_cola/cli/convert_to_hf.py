@@ -49,10 +49,8 @@ def main(argv: list[str] | None = None) -> int:
             with_tokenizer=not a.no_tokenizer,
             overwrite=a.overwrite,
         )
-    except (MegatronColaError, OSError, ValueError) as err:
-        # convert/ still raises OSError/ValueError for some user mistakes (an existing --save, a missing
-        # tokenizer file, a bad --max-shard-size); they are printed the same way.
+    except MegatronColaError as err:
         print(f"convert_to_hf: error: {err}", file=sys.stderr)
-        return 1
+        return 2
     print(f"wrote {out}: {', '.join(sorted(os.listdir(out)))}")
     return 0

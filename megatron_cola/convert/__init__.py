@@ -12,8 +12,8 @@ copy of the code is used, with ``trust_remote_code=True``).
 """
 
 from megatron_cola.convert.export import build_hf_model, export_checkpoint, write_hf_folder
-from megatron_cola.convert.hf_format import ConversionError
 from megatron_cola.convert.import_hf import import_hf_folder, load_hf_folder
+from megatron_cola.errors import ConversionError
 
 
 def register_auto_classes() -> None:

@@ -100,7 +100,7 @@ def write_hf_folder(
     from transformers import GenerationConfig
 
     if dtype not in DTYPES:
-        raise ValueError(f"dtype {dtype!r} is unknown; allowed: {list(DTYPES)}")
+        raise ConversionError(f"dtype {dtype!r} is unknown; allowed: {list(DTYPES)}")
     torch_dtype = DTYPES[dtype]
     save_dir = os.path.abspath(save_dir)
     _check_target(save_dir, overwrite)
@@ -204,10 +204,10 @@ def is_hf_export(folder: str) -> bool:
 
 def _check_target(save_dir: str, overwrite: bool) -> None:
     if os.path.exists(save_dir) and not os.path.isdir(save_dir):
-        raise FileExistsError(f"{save_dir} exists and is not a directory")
+        raise ConversionError(f"{save_dir} exists and is not a directory: choose another --save")
     if os.path.isdir(save_dir) and os.listdir(save_dir):
         if not overwrite:
-            raise FileExistsError(f"{save_dir} exists and is not empty; pass --overwrite to replace it")
+            raise ConversionError(f"{save_dir} exists and is not empty; pass --overwrite to replace it")
         if not is_hf_export(save_dir):
             raise ConversionError(
                 f"--overwrite replaces only a Hugging Face export (config.json and *.safetensors), and "

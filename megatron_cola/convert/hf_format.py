@@ -36,7 +36,7 @@ from megatron_cola.convert.official_cola import (
     official_activation_fields,
     our_activation_fields_from_llama,
 )
-from megatron_cola.errors import ConversionError  # noqa: F401  (re-exported)
+from megatron_cola.errors import ConversionError
 from megatron_cola.model.transformer import CoLALlama
 
 LAYOUTS = ("llama", "megatron_cola", "official_cola", "official_colam")
@@ -55,11 +55,6 @@ IGNORED_HF_TENSORS = re.compile(r".*rotary_emb\.inv_freq$")
 def hf_name(name: str) -> str:
     """Our parameter name -> its ``LlamaForCausalLM`` / ``ColaForCausalLM`` name."""
     return name if name.startswith("lm_head.") else f"model.{name}"
-
-
-def our_name(name: str) -> str:
-    """Inverse of ``hf_name``."""
-    return name[len("model.") :] if name.startswith("model.") else name
 
 
 def source_name(name: str, layout: str) -> str:
@@ -261,7 +256,7 @@ def parse_size(size: str | int) -> int:
         return size
     m = re.fullmatch(r"\s*([0-9.]+)\s*([A-Za-z]*)\s*", size)
     if not m or m.group(2).upper() not in _SIZE_UNITS:
-        raise ValueError(f"cannot read size {size!r}; write e.g. 2GB, 500MB or 1GiB")
+        raise ConversionError(f"cannot read size {size!r} (--max-shard-size); write e.g. 2GB, 500MB or 1GiB")
     return int(float(m.group(1)) * _SIZE_UNITS[m.group(2).upper()])
 
 
@@ -363,5 +358,8 @@ def read_config(folder: str) -> dict[str, Any]:
     path = os.path.join(folder, "config.json")
     if not os.path.exists(path):
         raise ConversionError(f"{folder} has no config.json (not a Hugging Face model folder?)")
-    with open(path) as f:
-        return json.load(f)
+    try:
+        with open(path) as f:
+            return json.load(f)
+    except json.JSONDecodeError as e:
+        raise ConversionError(f"{path} is not valid JSON ({e}); download the model folder again") from e

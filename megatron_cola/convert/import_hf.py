@@ -7,10 +7,11 @@ and CoLA-M ``ColaMForCausalLM`` (``model_type: cola``; ``cola_a`` ``[in, rank]``
 names). Every tensor is checked against the shapes the config implies; the first problems are reported
 by name with expected and actual shapes.
 
-The result is ``{save}/iter_0000000/model_tp00.pt`` (``save_model_file``, tensor-parallel size 1, no
-split dims, fp32 by default) plus ``{save}/latest``; the tokenizer files are copied to ``{save}/tokenizer``
-and recorded in the model file. The model file's ``args["vocab_size"]`` is the HF embedding size; its
-``vocab_size`` is the tokenizer's when that is known and not larger.
+The result is a weights-only checkpoint written by ``checkpoint.save_weights_checkpoint``:
+``{save}/iter_0000000/model_tp00.pt`` (tensor-parallel size 1, no split dims, fp32 by default), its
+manifest, ``{save}/latest`` and ``latest_checkpointed_iteration.txt``; the tokenizer files are copied
+to ``{save}/tokenizer`` and recorded in the model file. The model file's ``args["vocab_size"]`` is the
+HF embedding size; its ``vocab_size`` is the tokenizer's when that is known and not larger.
 """
 
 from __future__ import annotations
@@ -22,13 +23,10 @@ from typing import Any
 
 import torch
 
-from megatron_cola.atomic_io import atomic_write_text
-from megatron_cola.checkpoint import LATEST_FILE, iteration_tag, model_file_name, save_model_file
-from megatron_cola.checkpoint.manifest import write_manifest
+from megatron_cola.checkpoint import LATEST_FILE, save_weights_checkpoint
 from megatron_cola.config import ModelArgs
 from megatron_cola.convert.hf_format import (
     DTYPES,
-    ConversionError,
     detect_layout,
     from_layout,
     load_hf_tensors,
@@ -37,6 +35,7 @@ from megatron_cola.convert.hf_format import (
 )
 from megatron_cola.convert.official_cola import colam_to_cola, is_colam
 from megatron_cola.convert.tokenizer import TokenizerSpec, tokenizer_vocab_size
+from megatron_cola.errors import CheckpointError, ConversionError
 
 TOKENIZER_DIR = "tokenizer"
 
@@ -110,9 +109,9 @@ def import_hf_folder(
 ) -> str:
     """Convert HF folder ``hf_dir`` into checkpoint directory ``save_dir``; returns the model file path."""
     if dtype not in DTYPES:
-        raise ValueError(f"dtype {dtype!r} is unknown; allowed: {list(DTYPES)}")
+        raise ConversionError(f"dtype {dtype!r} is unknown; allowed: {list(DTYPES)}")
     if os.path.exists(os.path.join(save_dir, LATEST_FILE)) and not overwrite:
-        raise FileExistsError(f"{save_dir} already holds a checkpoint; pass --overwrite to replace it")
+        raise CheckpointError(f"{save_dir} already holds a checkpoint; pass --overwrite to replace it")
     state, args, _ = load_hf_folder(hf_dir)
     state = {k: v.to(DTYPES[dtype]).contiguous() for k, v in state.items()}
     spec = TokenizerSpec.from_info(None, tokenizer_model) if tokenizer_model else find_tokenizer(hf_dir)
@@ -132,20 +131,6 @@ def import_hf_folder(
         tokenizer_info = _copy_tokenizer(spec, save_dir)
         n = tokenizer_vocab_size(spec)
         vocab_size = n if n <= args.vocab_size else None
-    ckpt = os.path.join(save_dir, iteration_tag(0))
-    os.makedirs(ckpt, exist_ok=True)
-    path = os.path.join(ckpt, model_file_name(0))
-    save_model_file(
-        path,
-        state,
-        args.to_dict(),
-        split_dims={},
-        tp_rank=0,
-        tp_size=1,
-        vocab_size=vocab_size,
-        iteration=0,
-        tokenizer=tokenizer_info,
+    return save_weights_checkpoint(
+        save_dir, state, args.to_dict(), iteration=0, vocab_size=vocab_size, tokenizer=tokenizer_info
     )
-    write_manifest(ckpt, 0, kind="weights")  # model files only: loaded as weights, never resumed from
-    atomic_write_text(os.path.join(save_dir, LATEST_FILE), iteration_tag(0))
-    return path

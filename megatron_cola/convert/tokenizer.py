@@ -19,6 +19,8 @@ import shutil
 from dataclasses import dataclass
 from typing import Any
 
+from megatron_cola.errors import ConversionError
+
 SENTENCEPIECE_TYPES = ("SentencePieceTokenizer", "GPTSentencePieceTokenizer", "Llama2Tokenizer")
 HF_TYPES = ("HuggingFaceTokenizer",)
 
@@ -47,7 +49,7 @@ class TokenizerSpec:
             return cls("sentencepiece", info["model"])
         if kind_name in HF_TYPES:
             return cls("hf", info["model"])
-        raise ValueError(
+        raise ConversionError(
             f"tokenizer type {kind_name!r} cannot be exported "
             f"(supported: {list(SENTENCEPIECE_TYPES + HF_TYPES)}); "
             "pass --tokenizer-model PATH or --no-tokenizer"
@@ -57,7 +59,7 @@ class TokenizerSpec:
         """Raise when a SentencePiece model file is missing (an HF tokenizer may also be a hub name, which
         ``AutoTokenizer`` resolves from its cache offline)."""
         if not os.path.exists(self.path) and (self.kind == "sentencepiece" or os.sep in self.path):
-            raise FileNotFoundError(
+            raise ConversionError(
                 f"tokenizer {self.path} (recorded in the checkpoint) does not exist here; pass "
                 "--tokenizer-model PATH (a SentencePiece .model or an HF tokenizer folder) or --no-tokenizer"
             )
@@ -99,7 +101,7 @@ def sentencepiece_to_tokenizers(model_path: str) -> Any:
         merges = [(left, right) for _, _, left, right in sorted(ranked)]
         model = BPE(vocab, merges, unk_token=trainer.unk_piece, fuse_unk=True, byte_fallback=byte_fallback)
     else:
-        raise ValueError(
+        raise ConversionError(
             f"{model_path}: SentencePiece model type {trainer.model_type} (word/char) cannot be converted; "
             "only unigram and BPE models can"
         )

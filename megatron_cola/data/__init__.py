@@ -5,7 +5,7 @@ See docs/data.md for the tools (``tools/prepare_sample_corpus.py``, ``tools/trai
 """
 
 from megatron_cola.data.blended_dataset import BlendedDataset, blend_sizes
-from megatron_cola.data.builder import build_train_valid_test_datasets, parse_data_path
+from megatron_cola.data.builder import build_train_valid_test_datasets, check_data_prefix, parse_data_path
 from megatron_cola.data.gpt_dataset import GPTDataset, parse_split, split_ranges
 from megatron_cola.data.helpers import HAVE_CPP_HELPERS, build_blending_indices, build_sample_idx
 from megatron_cola.data.indexed_dataset import (
@@ -18,7 +18,6 @@ from megatron_cola.data.indexed_dataset import (
     index_file_path,
 )
 from megatron_cola.data.samplers import PretrainingSampler
-from megatron_cola.data.token_checks import check_token_ids
 from megatron_cola.data.tokenizers import (
     AbstractTokenizer,
     HuggingFaceTokenizer,
@@ -45,8 +44,8 @@ __all__ = [
     "build_sample_idx",
     "build_tokenizer",
     "build_train_valid_test_datasets",
+    "check_data_prefix",
     "check_dataset_files",
-    "check_token_ids",
     "data_file_path",
     "index_file_path",
     "parse_data_path",

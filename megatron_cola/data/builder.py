@@ -21,17 +21,52 @@ from megatron_cola.data.indexed_dataset import (
 )
 from megatron_cola.errors import ConfigError
 
-__all__ = ["build_train_valid_test_datasets", "parse_data_path"]
+__all__ = ["build_train_valid_test_datasets", "check_data_prefix", "parse_data_path", "similar_prefixes"]
 
 
-def _check_prefix(prefix: str) -> None:
+def check_data_prefix(prefix: str) -> None:
+    """Raise :class:`DatasetNotFoundError` when ``{prefix}.idx`` or ``{prefix}.bin`` is missing, naming the
+    prefix that exists when there is one: ``PREFIX.bin`` given with its extension, the
+    ``{prefix}_text_document`` that ``tools/preprocess_data.py`` writes, or datasets beside it whose names
+    start with the prefix (``corpus`` -> ``corpus_content_document``). The one check of ``--data-path``
+    prefixes (``parse_data_path`` checks the list's shape)."""
     missing = [p for p in (index_file_path(prefix), data_file_path(prefix)) if not os.path.isfile(p)]
     if not missing:
         return
-    hint = ""
-    if os.path.isfile(index_file_path(prefix + "_text_document")):
-        hint = f" (did you mean {prefix}_text_document?)"
-    raise DatasetNotFoundError(f"data prefix {prefix!r}: missing {', '.join(missing)}{hint}")
+    found = similar_prefixes(prefix)
+    if found:
+        hint = f"; did you mean {' or '.join(found)}?"
+    else:
+        hint = (
+            "; give the prefix without extension: tools/preprocess_data.py --output-prefix P writes "
+            "P_text_document.bin/.idx (one P_KEY_document per --json-keys key)"
+        )
+    raise DatasetNotFoundError(f"--data-path prefix {prefix!r}: missing {', '.join(missing)}{hint}")
+
+
+def similar_prefixes(prefix: str, limit: int = 3) -> list[str]:
+    """Complete ``.bin/.idx`` prefixes a user probably meant by the missing ``prefix`` (best first)."""
+
+    def complete(p: str) -> bool:
+        return os.path.isfile(index_file_path(p)) and os.path.isfile(data_file_path(p))
+
+    for ext in (".bin", ".idx"):
+        if prefix.endswith(ext) and complete(prefix[: -len(ext)]):
+            return [prefix[: -len(ext)]]
+    if complete(prefix + "_text_document"):
+        return [prefix + "_text_document"]
+    directory, base = os.path.split(prefix)
+    try:
+        names = sorted(os.listdir(directory or "."))
+    except OSError:
+        return []
+    out = []
+    for name in names:
+        if name.startswith(base) and name.endswith(".idx"):
+            candidate = os.path.join(directory, name[: -len(".idx")])
+            if complete(candidate):
+                out.append(candidate)
+    return out[:limit]
 
 
 def parse_data_path(data_path: Sequence[str] | str) -> tuple[list[str], list[float] | None]:
@@ -95,7 +130,7 @@ def build_train_valid_test_datasets(
     split_weights = parse_split(split)
     prefixes, weights = parse_data_path(data_path)
     for prefix in prefixes:
-        _check_prefix(prefix)
+        check_data_prefix(prefix)
     readers = [MMapIndexedDataset(p) for p in prefixes]
 
     def one(reader: MMapIndexedDataset, k: int, n: int) -> GPTDataset:

@@ -23,17 +23,17 @@ from megatron_cola.data.indexed_dataset import (
     remove_dataset,
 )
 from megatron_cola.data.sidecar import (
+    TokenizerRecord,
     dataset_record,
     describes,
     read_sidecar,
-    TokenizerRecord,
     recorded_tokenizer,
     sidecar_path,
     write_sidecar,
 )
 from megatron_cola.errors import DataError
 
-__all__ = ["merge", "merged_record_notes", "prefixes_in_dir"]
+__all__ = ["merge", "prefixes_in_dir"]
 
 
 def prefixes_in_dir(directory: str) -> list[str]:
@@ -86,8 +86,9 @@ def _input_records(prefixes: list[str]) -> tuple[list[dict | None], list[str]]:
 def merge(prefixes: list[str], output_prefix: str, notes: list[str] | None = None) -> MMapIndexedDataset:
     """Concatenate ``prefixes`` into ``output_prefix``; returns the merged dataset.
 
-    The inputs' tokenizer records are checked after their dtypes (different tokenizers: :class:`DataError`); the output
-    gets a record when every input has one. Notes about missing records are appended to ``notes``."""
+    The inputs' tokenizer records are checked after their dtypes (different tokenizers:
+    :class:`DataError`); the output gets a record when every input has one. Notes about missing records
+    are appended to ``notes``."""
     if not prefixes:
         raise DataError("nothing to merge")
     out_abs = os.path.abspath(output_prefix)
@@ -117,7 +118,9 @@ def merge(prefixes: list[str], output_prefix: str, notes: list[str] | None = Non
         builder.finalize(index_file_path(tmp))
         complete = [r for r in records if r is not None]
         if len(complete) == len(prefixes):
-            merged_from = [{"prefix": p, "preprocess": r.get("preprocess")} for p, r in zip(prefixes, complete)]
+            merged_from = [
+                {"prefix": p, "preprocess": r.get("preprocess")} for p, r in zip(prefixes, complete)
+            ]
             flags = {"tool": "tools/merge_datasets.py", "merged_from": merged_from}
             tok = recorded_tokenizer(prefixes[0], complete[0])
             write_sidecar(output_prefix, dataset_record(tmp, tok, first.dtype.name, flags))

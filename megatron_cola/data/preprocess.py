@@ -50,10 +50,11 @@ from megatron_cola.data.preprocess_input import (
     expand_inputs,
     inspect_inputs,
     iter_chunks,
+    json_keys_hint,
     parse_line,
     plan_partitions,
 )
-from megatron_cola.data.preprocess_report import Progress, Stats, summarize
+from megatron_cola.data.preprocess_report import BadLines, Progress, Stats, summarize
 from megatron_cola.data.sidecar import dataset_record, tokenizer_record, write_sidecar
 from megatron_cola.data.tokenizers import AbstractTokenizer, build_tokenizer
 from megatron_cola.errors import DataError, MegatronColaError
@@ -406,14 +407,16 @@ def _merge_parts(part_prefixes: list[dict[str, str]], tmps: dict[str, str], dtyp
             raise
 
 
-def _check_not_empty(config: PreprocessConfig, stats: Stats) -> None:
+def _check_not_empty(config: PreprocessConfig, stats: Stats, files: list[str]) -> None:
     if config.allow_empty:
         return
     inputs = " ".join(config.input)
     if stats.docs == 0:
+        hint = json_keys_hint(files, config.json_keys) if stats.bad else None
         raise DataError(
-            f"--input {inputs}: no documents ({stats.blank} blank lines, {stats.bad} bad lines); nothing was "
-            "written (pass --allow-empty to write an empty dataset anyway)"
+            f"--input {inputs}: no documents ({stats.blank} blank lines, {stats.bad} bad lines"
+            + (f"; {hint}" if hint else "")
+            + "); nothing was written (pass --allow-empty to write an empty dataset anyway)"
         )
     for key in config.json_keys:
         if stats.tokens_per_key.get(key, 0) == 0:
@@ -476,12 +479,13 @@ def _preprocess(config: PreprocessConfig) -> dict:
     plan = plan_partitions(list(infos.values()), config.partitions, config.keep_sequential_samples)
     progress = None if config.quiet else Progress(sum(os.path.getsize(f) for f in files), config.log_interval)
 
+    quiet_bad = BadLines(lambda line: print(line, file=sys.stderr))
+
     def report(docs: int, nbytes: int, tokens: int, bad: list[tuple[str, str, str]]) -> None:
         if progress is not None:
             progress.update(docs, nbytes, tokens, bad)
         else:
-            for where, reason, what in bad:
-                print(f"warning: {where}: {reason} ({what} skipped)", file=sys.stderr)
+            quiet_bad.report(bad)
 
     t0 = time.perf_counter()
     part_prefixes: list[dict[str, str]] = []
@@ -496,7 +500,7 @@ def _preprocess(config: PreprocessConfig) -> dict:
             workers = max(1, config.workers // len(plan))
             stats = _run_partitions(plan, infos, part_prefixes, workers, init_args, config.strict, report)
             _merge_parts(part_prefixes, tmps, dtype)
-        _check_not_empty(config, stats)
+        _check_not_empty(config, stats, files)
         tok_record = tokenizer_record(*tokenizer_args[:2], tokenizer.vocab_size, tokenizer.eod)
         for key in finals:  # the record first: a published .idx always has its own
             flags = _recorded_flags(config, key)

@@ -15,7 +15,8 @@ at a time, only the ``--json-keys`` columns, never the whole file.
   boundaries, ``.gz`` files never cut, columnar files at rows);
 * :func:`iter_chunks` reads a partition as chunks: ``(path, [(line number, raw line), ...])`` for JSONL, a
   :class:`ColumnChunk` for columnar files; :func:`parse_line` turns a raw JSONL line into the texts of the
-  keys, or a reason why it is a bad line.
+  keys, or a reason why it is a bad line; :func:`json_keys_hint` says which ``--json-keys`` the JSONL
+  lines hold when none had the keys asked for.
 """
 
 from __future__ import annotations
@@ -42,6 +43,7 @@ __all__ = [
     "input_kind",
     "inspect_inputs",
     "iter_chunks",
+    "json_keys_hint",
     "parse_line",
     "plan_partitions",
 ]
@@ -506,3 +508,42 @@ def parse_line(raw: bytes, keys: list[str]) -> tuple[list[str] | None, str | Non
             return None, f"key {key!r} holds a {type(value).__name__}, expected a string"
         texts.append(value)
     return texts, None
+
+
+def json_keys_hint(files: Sequence[str], keys: Sequence[str], max_lines: int = 200) -> str | None:
+    """When the JSONL lines of ``files`` lack a key of ``keys``: which keys they hold and the
+    ``--json-keys`` to pass (the string-valued key with the most text over the first ``max_lines``
+    objects of each file), e.g. ``"no line has key 'text'; the lines hold keys content, id, url: pass
+    --json-keys content"``. ``None`` when the keys are there (the lines are bad for another reason)."""
+    seen: dict[str, int] = {}  # key -> objects holding it
+    text_chars: dict[str, int] = {}  # key -> characters of its string values
+    for path in files:
+        if input_kind(path) != "jsonl":
+            continue
+        opener = gzip.open if is_gzip(path) else open
+        try:
+            with opener(path, "rb") as f:
+                for i, raw in enumerate(f):
+                    if i >= max_lines:
+                        break
+                    try:
+                        obj = json.loads(raw)
+                    except (json.JSONDecodeError, UnicodeDecodeError):
+                        continue
+                    if not isinstance(obj, dict):
+                        continue
+                    for k, v in obj.items():
+                        seen[k] = seen.get(k, 0) + 1
+                        if isinstance(v, str):
+                            text_chars[k] = text_chars.get(k, 0) + len(v)
+        except (OSError, EOFError, zlib.error):
+            continue
+    missing = [k for k in keys if k not in seen]
+    if not seen or not missing:
+        return None
+    listed = ", ".join(sorted(seen)[:20]) + (", ..." if len(seen) > 20 else "")
+    what = f"no line has key {missing[0]!r}" if len(missing) == 1 else f"no line has keys {missing}"
+    texts = sorted((k for k in text_chars if k not in keys), key=lambda k: -text_chars[k])
+    if not texts:
+        return f"{what}; the lines hold keys {listed}, none of them a string: pass --json-keys KEY"
+    return f"{what}; the lines hold keys {listed}: pass --json-keys {texts[0]}"

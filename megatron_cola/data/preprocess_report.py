@@ -4,12 +4,13 @@ from __future__ import annotations
 
 import sys
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
 import numpy as np
 
-__all__ = ["MAX_REPORTED_BAD_LINES", "Progress", "Stats", "summarize"]
+__all__ = ["MAX_REPORTED_BAD_LINES", "BadLines", "Progress", "Stats", "summarize"]
 
 MAX_REPORTED_BAD_LINES = 50
 
@@ -52,6 +53,24 @@ class Stats:
         self.tokenize_seconds += other.tokenize_seconds
 
 
+class BadLines:
+    """Prints the first ``MAX_REPORTED_BAD_LINES`` bad lines as warnings through ``write``, then one line
+    saying that only the count follows (with or without ``--quiet``: a corpus of bad lines never floods
+    the terminal; the summary line has the total)."""
+
+    def __init__(self, write: Callable[[str], None]) -> None:
+        self.write = write
+        self.count = 0
+
+    def report(self, bad: list[tuple[str, str, str]]) -> None:
+        for where, reason, what in bad:
+            self.count += 1
+            if self.count <= MAX_REPORTED_BAD_LINES:
+                self.write(f"warning: {where}: {reason} ({what} skipped)")
+            elif self.count == MAX_REPORTED_BAD_LINES + 1:
+                self.write("warning: more bad lines; only the count is reported from now on")
+
+
 class Progress:
     """tqdm bar over input bytes with docs/s and tokens/s, plus bad-line reporting."""
 
@@ -72,18 +91,11 @@ class Progress:
         self.t0 = time.perf_counter()
         self.docs = 0
         self.tokens = 0
-        self.bad = 0
+        self.bad = BadLines(lambda line: self.bar.write(line, file=sys.stderr))
         self._next_log = self.log_interval
 
     def update(self, docs: int, nbytes: int, tokens: int, bad: list[tuple[str, str, str]]) -> None:
-        for where, reason, what in bad:
-            self.bad += 1
-            if self.bad <= MAX_REPORTED_BAD_LINES:
-                self.bar.write(f"warning: {where}: {reason} ({what} skipped)", file=sys.stderr)
-            elif self.bad == MAX_REPORTED_BAD_LINES + 1:
-                self.bar.write(
-                    "warning: more bad lines; only the count is reported from now on", file=sys.stderr
-                )
+        self.bad.report(bad)
         self.docs += docs
         self.tokens += tokens
         if self.docs >= self._next_log:

@@ -166,7 +166,9 @@ def read_sidecar(prefix: str) -> dict[str, Any] | None:
     except FileNotFoundError:
         return None
     except (OSError, ValueError) as exc:
-        raise DataError(f"{path}: unreadable dataset record ({exc}); delete it or re-run preprocessing") from None
+        raise DataError(
+            f"{path}: unreadable dataset record ({exc}); delete it or re-run preprocessing"
+        ) from None
     if not isinstance(record, dict) or record.get("format") != SIDECAR_FORMAT:
         raise DataError(f"{path}: not a Megatron-CoLA dataset record; delete it or re-run preprocessing")
     return record
@@ -211,14 +213,14 @@ def check_data_tokenizers(prefixes: Sequence[str], run: TokenizerRecord, what: s
         diff = data.differences(run)
         if diff:
             raise DataError(
-                f"{prefix} was tokenized with {data.describe()} (recorded in {sidecar_path(prefix)}), but {what} "
-                f"uses {run.describe()}; they differ in {', '.join(diff)}. Train with the tokenizer the data was "
-                "made with (--tokenizer-type / --tokenizer-model), or re-run tools/preprocess_data.py with this "
-                "run's tokenizer"
+                f"{prefix} was tokenized with {data.describe()} (recorded in {sidecar_path(prefix)}), "
+                f"but {what} uses {run.describe()}; they differ in {', '.join(diff)}. Train with the "
+                "tokenizer the data was made with (--tokenizer-type / --tokenizer-model), or re-run "
+                "tools/preprocess_data.py with this run's tokenizer"
             )
     if unrecorded:
         notes.append(
-            f"note: no tokenizer record ({SIDECAR_SUFFIX}) for {', '.join(unrecorded)} (preprocessed elsewhere, "
-            "e.g. by Megatron-LM): cannot check that this run's tokenizer made it"
+            f"note: no tokenizer record ({SIDECAR_SUFFIX}) for {', '.join(unrecorded)} (preprocessed "
+            "elsewhere, e.g. by Megatron-LM): cannot check that this run's tokenizer made it"
         )
     return notes

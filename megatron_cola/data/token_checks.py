@@ -2,19 +2,15 @@
 
 An id outside ``[0, tokenizer vocab)`` means the data was tokenized with another tokenizer: on CPU it ends
 in an ``IndexError`` at some iteration, on GPU in a device-side assert, and an id inside the *padded*
-vocabulary (``>= tokenizer vocab``) trains silently on an untrained row. These checks turn all of them into
-a :class:`DataError` that names the dataset, the document and the id.
+vocabulary (``>= tokenizer vocab``) trains silently on an untrained row. ``GPTDataset`` turns all of them into
+a :class:`DataError` that names the dataset, the document and the id (with ``FIX``).
 """
 
 from __future__ import annotations
 
-from typing import Any
-
 import numpy as np
 
-from megatron_cola.errors import DataError
-
-__all__ = ["check_token_ids", "first_bad_token"]
+__all__ = ["first_bad_token"]
 
 FIX = "preprocess the data with the tokenizer this run uses (tools/preprocess_data.py --tokenizer-model ...)"
 
@@ -30,22 +26,3 @@ def first_bad_token(tokens: np.ndarray, vocab_size: int) -> int | None:
     if not bad:
         return None
     return int(np.flatnonzero((tokens >= vocab_size) | (tokens < 0))[0])
-
-
-def check_token_ids(tokens: Any, vocab_size: int, source: str = "batch") -> None:
-    """Raise :class:`DataError` when a batch holds an id outside ``[0, vocab_size)``.
-
-    ``tokens`` is a ``(micro_batch, seq + 1)`` integer array or CPU tensor (call it before moving the batch
-    to the GPU: it reads one max and one min); ``vocab_size`` is the *tokenizer's* vocabulary size, not the
-    padded embedding size. ``source`` names the data in the message (for example the ``--data-path``).
-    """
-    arr = tokens.numpy() if hasattr(tokens, "numpy") else np.asarray(tokens)
-    flat = arr.reshape(-1)
-    pos = first_bad_token(flat, vocab_size)
-    if pos is None:
-        return
-    row, col = divmod(pos, arr.shape[-1]) if arr.ndim > 1 else (0, pos)
-    raise DataError(
-        f"{source}: token id {int(flat[pos])} (micro-batch row {row}, position {col}) is outside the "
-        f"tokenizer's vocabulary [0, {vocab_size}); {FIX}"
-    )

@@ -41,7 +41,7 @@ class CoLALinear(nn.Module):
       - ``bias``: ``(out_features,)`` when ``bias=True`` (CoLA models use none).
     The output of A (the pre-activation on the rank-r bottleneck) is what CoLA-M keeps for backward
     (``keep_a_output``). ``forward`` is ``from_rank(rank_projection(x, [weight_a]))``; a grouped caller
-    runs several layers' A's as one GEMM and hands each its slice (``project_shared_input``).
+    runs several layers' A's as one GEMM and hands each its slice (``project_shared_input`` below).
     Standalone, the constructor draws the weights; inside ``CoLALlama`` it is built on the meta device
     and ``init_weights`` draws them once.
     """

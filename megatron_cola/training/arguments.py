@@ -1,6 +1,6 @@
 """Command-line arguments of ``pretrain_cola.py``, with Megatron-LM's flag names, and their validation.
 
-``build_train_config`` (alias ``validate_args``) checks everything that can be checked before any
+``build_train_config`` checks everything that can be checked before any
 process-group work and returns the frozen ``TrainConfig``; the parsed ``Namespace`` is never modified.
 Each message says what to change.
 """
@@ -431,10 +431,6 @@ def build_train_config(args: argparse.Namespace, world_size: int | None = None) 
     _model_args(v, None)  # the model's own checks, before any process-group work
     v["data_path"] = tuple(v["data_path"])
     return TrainConfig(**v)
-
-
-#: The name tests and older callers use.
-validate_args = build_train_config
 
 
 def _check_batch_and_parallel(v: dict[str, Any]) -> None:

@@ -99,7 +99,7 @@ def _resolve_device(choice: str) -> torch.device:
     return torch.device("cpu")
 
 
-def _init_distributed(device: torch.device, timeout_minutes: float = 10.0) -> bool:
+def init_distributed(device: torch.device, timeout_minutes: float = 10.0) -> bool:
     """Initialise the default process group; returns whether we did (and so must destroy it).
 
     First makes DeepSpeed's accelerator follow ``device`` (before DeepSpeed is imported), so that
@@ -146,7 +146,7 @@ def pretrain(argv: list[str] | None = None) -> dict[str, Any]:
     _prepare_launch_env()  # LOCAL_RANK etc. for srun / single process, before picking the GPU
     device = _resolve_device(cfg.device)
 
-    created_pg = _init_distributed(device, cfg.distributed_timeout_minutes)
+    created_pg = init_distributed(device, cfg.distributed_timeout_minutes)
     try:
         return Trainer(cfg, model_args, tokenizer, device).run()
     finally:
