@@ -15,6 +15,11 @@ ACTIVATIONS = ("silu", "gelu", "relu", "tanh", "identity")
 COMPILE_MODES = ("default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs")
 """The ``torch.compile`` modes of ``--compile-mode`` (``model/compile.py``)."""
 RECOMPUTE_CHOICES = ("none", "full", "cola-m")
+#: Tensor-parallel schemes of CoLA models (``--cola-tp-scheme``; docs/tensor_parallel.md). Full-rank
+#: models always use Megatron's dense TP.
+TP_SCHEMES = ("split-rank", "bottleneck")
+#: The one place the default scheme is set.
+DEFAULT_TP_SCHEME = "split-rank"
 """The activation-recomputation modes (``ModelArgs.recompute``, ``--recompute``); the one list of them."""
 EXECUTION_FIELDS = ("recompute", "grouped_projections", "chunked_loss")
 """``ModelArgs`` fields that change how the model runs, not what it computes: a checkpoint saved with

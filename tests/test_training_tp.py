@@ -114,17 +114,20 @@ def test_tp2_matches_tp1_and_resumes_exactly(synthetic_prefix: str, tmp_path) ->
 
 
 def test_tp2_dp2_matches_dp2(synthetic_prefix: str, tmp_path) -> None:
+    """Through the trainer under the bottleneck scheme (the test above runs the default, split-rank)."""
     run_torchrun(
         [*tp_args(synthetic_prefix, "--train-iters", "3"), "--tensorboard-dir", str(tmp_path / "dp2")]
     )
-    run_torchrun(
+    tp2 = ["--tensor-model-parallel-size", "2", "--cola-tp-scheme", "bottleneck"]
+    proc = run_torchrun(
         [
-            *tp_args(synthetic_prefix, "--train-iters", "3", "--tensor-model-parallel-size", "2"),
+            *tp_args(synthetic_prefix, "--train-iters", "3", *tp2),
             "--tensorboard-dir",
             str(tmp_path / "tp2dp2"),
         ],
         nproc=4,
     )
+    assert "> tensor parallelism: bottleneck scheme, TP=2" in proc.stdout
     dp2, tp2dp2 = train_losses(tmp_path / "dp2"), train_losses(tmp_path / "tp2dp2")
     for it in range(1, 4):
         assert tp2dp2[it] == pytest.approx(dp2[it], rel=1e-5), (it, dp2[it], tp2dp2[it])

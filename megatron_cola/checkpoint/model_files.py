@@ -10,6 +10,9 @@ parameters gathered (ZeRO-3 included). Each is a ``torch.save`` dict:
 ``tp_rank``, ``tp_size``
 ``split_dims``    ``{param name: dim}`` for each tensor-parallel-sharded parameter: the full tensor is the
                   ``torch.cat`` of the shards of ranks 0..tp_size-1 along ``dim``; absent = replicated
+``tp_scheme``     the ``ShardingPlan.scheme`` the shards come from (``"none"``, ``"dense"``,
+                  ``"split-rank"``, ``"bottleneck"``); files written before it existed are ``"split-rank"``
+                  (or ``"none"`` at TP=1). The merge needs only ``split_dims``, whatever the scheme
 ``state_dict``    this rank's parameters (the model's own names: ``layers.0.self_attn.q_proj.weight_a``, ...)
 ``iteration``, ``tokenizer`` (``{"type": ..., "model": ...}`` or ``None``)
 
@@ -41,6 +44,7 @@ def model_file_payload(
     vocab_size: int | None = None,
     iteration: int = 0,
     tokenizer: dict[str, Any] | None = None,
+    tp_scheme: str = "none",
 ) -> dict[str, Any]:
     """What one TP rank's model file holds (its tensors on the CPU)."""
     return {
@@ -51,6 +55,7 @@ def model_file_payload(
         "tp_rank": tp_rank,
         "tp_size": tp_size,
         "split_dims": dict(split_dims),
+        "tp_scheme": tp_scheme,
         "state_dict": {k: v.detach().cpu() for k, v in state_dict.items()},
         "iteration": iteration,
         "tokenizer": tokenizer,

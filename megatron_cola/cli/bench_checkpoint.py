@@ -64,7 +64,8 @@ def main(argv: list[str] | None = None) -> None:
     from megatron_cola.parallel import ParallelState
     from megatron_cola.training.arguments import build_train_config, model_args_from, parse_args
     from megatron_cola.training.checkpointing import AsyncSaves, save_checkpoint
-    from megatron_cola.training.engine import build_engine, build_model
+    from megatron_cola.training.ds_config import build_ds_config
+    from megatron_cola.training.engine import build_engine, build_parallel_model
     from megatron_cola.training.pretrain import init_distributed
 
     flags = ["--model-size", a.model_size, "--data-path", a.data_path, "--tokenizer-type", "NullTokenizer"]
@@ -76,8 +77,8 @@ def main(argv: list[str] | None = None) -> None:
     device = torch.device("cpu")
     init_distributed(device)
     parallel = ParallelState.from_torch_distributed(1)
-    model = build_model(cfg.seed, model_args, parallel, device)
-    engine, _ = build_engine(cfg, model, parallel, device)
+    model = build_parallel_model(cfg.seed, model_args, parallel, device)
+    engine, _ = build_engine(cfg, model, parallel, device, build_ds_config(cfg, device.type))
     tokens = torch.randint(0, 32000, (1, 16))
 
     def train_step() -> None:

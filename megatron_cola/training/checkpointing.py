@@ -78,6 +78,7 @@ _RECORDED_FLAGS = sorted(
     | {
         "train_iters",
         "zero_stage",
+        "cola_tp_scheme",  # absent from older checkpoints: they were all "split-rank"
         "bf16",
         "micro_batch_size",
         "data_path",
@@ -288,6 +289,7 @@ def save_checkpoint(
     split_dims: dict[str, int],
     data_history: list[dict[str, Any]] | None = None,
     saves: AsyncSaves | None = None,
+    tp_scheme: str = "none",
 ) -> str:
     """Save everything needed to resume exactly, write the manifest, then mark the checkpoint complete in
     ``latest``. Weights that are not finite are never written (``CheckpointError``, ``latest`` unchanged).
@@ -329,6 +331,7 @@ def save_checkpoint(
     meta = dict(
         args=model_args.to_dict(),
         split_dims=split_dims,
+        tp_scheme=tp_scheme,
         tp_rank=parallel.tp_rank,
         tp_size=parallel.tp_size,
         vocab_size=vocab_size,

@@ -226,7 +226,7 @@ def pretrain(argv: list[str] | None = None) -> dict[str, Any]:
     model_args = model_args_from(
         cfg, pad_vocab_size(tokenizer.vocab_size, cfg.make_vocab_size_divisible_by, tp)
     )
-    check_tensor_parallel_size(tp, model_args=model_args)
+    check_tensor_parallel_size(tp, model_args=model_args, scheme=cfg.cola_tp_scheme)
     _prepare_launch_env()  # LOCAL_RANK etc. for srun / single process, before picking the GPU
     device = _resolve_device(cfg.device)
     if rank0:

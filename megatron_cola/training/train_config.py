@@ -21,7 +21,7 @@ from collections.abc import Iterator, Mapping
 from dataclasses import dataclass
 from typing import Any
 
-from megatron_cola.config import COMPILE_MODES, RECOMPUTE_CHOICES, SIZES
+from megatron_cola.config import COMPILE_MODES, DEFAULT_TP_SCHEME, RECOMPUTE_CHOICES, SIZES, TP_SCHEMES
 from megatron_cola.data.tokenizers import TOKENIZER_TYPES
 
 #: ZeRO stage and gradient clip when neither a flag nor ``--deepspeed_config`` sets them.
@@ -132,6 +132,13 @@ class ParallelismConfig:
         None, f"DeepSpeed ZeRO stage (default {DEFAULT_ZERO_STAGE})", type=int, choices=[0, 1, 2, 3]
     )
     tensor_model_parallel_size: int = flag(1, "GPUs that split each layer")
+    cola_tp_scheme: str = flag(
+        DEFAULT_TP_SCHEME,
+        "how TP splits a CoLA model: split-rank (A and B split over r, replicated residual stream) "
+        "or bottleneck (residual stream sharded on d, one r-wide all-reduce per map); full-rank models "
+        "use Megatron's dense TP whatever this says",
+        choices=TP_SCHEMES,
+    )
     deepspeed_config: str | None = flag(
         None,
         "a DeepSpeed JSON config; otherwise one is generated from the flags",
