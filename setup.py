@@ -57,6 +57,7 @@ setup(
         "tqdm",
         "pyarrow",
         "tensorboard",
+        'tomli; python_version < "3.11"',
     ],
     extras_require={
         "mpi": ["mpi4py"],

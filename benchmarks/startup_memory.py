@@ -21,11 +21,15 @@ import torch
 import torch.distributed as dist
 
 from megatron_cola.data import build_tokenizer
-from megatron_cola.parallel import ParallelState
-from megatron_cola.parallel.sizes import pad_vocab_size
+from megatron_cola.parallel import ParallelState, pad_vocab_size
 from megatron_cola.training.arguments import build_train_config, model_args_from, parse_args
 from megatron_cola.training.ds_config import build_ds_config
-from megatron_cola.training.engine import build_engine, build_model, use_deepspeed_accelerator
+from megatron_cola.training.engine import (
+    build_engine,
+    build_parallel_model,
+    compile_mode_of,
+    use_deepspeed_accelerator,
+)
 
 
 def _max_rss_gib() -> list[float]:
@@ -51,10 +55,19 @@ def main() -> None:
     parallel = ParallelState.from_torch_distributed(tp)
     device = torch.device("cpu")
     start = _max_rss_gib()
-    zero3 = build_ds_config(cfg) if cfg.zero_stage == 3 and zero_init else None
-    model = build_model(cfg.seed, model_args, parallel, device, zero3_config=zero3)
+    ds_config = build_ds_config(cfg, device.type)
+    zero3 = ds_config if cfg.zero_stage == 3 and zero_init else None
+    model = build_parallel_model(
+        cfg.seed,
+        model_args,
+        parallel,
+        device,
+        zero3_config=zero3,
+        scheme=cfg.cola_tp_scheme,
+        compile_mode=compile_mode_of(cfg),
+    )
     after_model = _max_rss_gib()
-    build_engine(cfg, model, parallel, device)
+    build_engine(cfg, model, parallel, device, ds_config)
     after_engine = _max_rss_gib()
     if dist.get_rank() == 0:
         out = {

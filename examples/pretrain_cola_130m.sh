@@ -1,17 +1,15 @@
 #!/usr/bin/env bash
-# CoLA-130M with the paper's recipe (FULL_RANK=1 for the LLaMA baseline): lr 3e-3, warmup 2000, 20000 steps of
-# 512 x 256 tokens, cosine to 0.1x, AdamW wd 0.01, clip 0.5, bf16. See examples/common.sh for the
-# environment variables (DATA_PATH, TOKENIZER_MODEL, NNODES, GPUS_PER_NODE, TP, ZERO_STAGE, ...).
+# CoLA-130M with the paper's recipe, recipes/130m.toml (lr 3e-3, warmup 2000, 20000 steps of 512 x 256
+# tokens, cosine to 0.1x, AdamW wd 0.01, clip 0.5, bf16); FULL_RANK=1 for the LLaMA baseline.
+# The environment knobs (DATA_PATH, TOKENIZER_MODEL, NNODES, GPUS_PER_NODE, TP, ZERO_STAGE, SAVE_DIR, ...)
+# are in examples/common.sh and docs/launching.md; flags after the script name go to pretrain_cola.py.
 #
-# This file is bash and Python at once. `bash examples/pretrain_cola_130m.sh` resolves the recipe and starts the
-# ranks (examples/common.sh). `deepspeed [--num_gpus N] [--hostfile H] examples/pretrain_cola_130m.sh [flags]` runs it
-# with python on every rank, which resolves this same recipe through bash (megatron_cola/launch.py) and
-# becomes pretrain_cola.py. Extra flags after the script name go to pretrain_cola.py.
+#   bash examples/pretrain_cola_130m.sh [flags]            common.sh starts the ranks (LAUNCHER=...)
+#   deepspeed [--num_gpus N] examples/pretrain_cola_130m.sh [flags]
+# The deepspeed launcher runs this file with python on every rank, so it is bash and Python at once:
+# both halves hand the size to megatron_cola/launch.py, which resolves the recipe and the environment.
 ''':'
-set -euo pipefail
-export MODEL_SIZE=130M LR=3e-3 MIN_LR=3e-4 WARMUP=${WARMUP:-2000} TRAIN_ITERS=${TRAIN_ITERS:-20000}
-export DEFAULT_MICRO_BATCH=64
-exec "$(dirname "${BASH_SOURCE[0]}")/common.sh" "$@"
+exec "$(dirname "${BASH_SOURCE[0]}")/common.sh" 130m "$@"
 : ''' #' <<'# end of the Python part'
 import os
 import sys
@@ -19,5 +17,5 @@ import sys
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 from megatron_cola.launch import run_rank  # noqa: E402
 
-run_rank(__file__)
+run_rank("130m")
 # end of the Python part

@@ -12,7 +12,14 @@ from dataclasses import dataclass
 from typing import Any
 
 ACTIVATIONS = ("silu", "gelu", "relu", "tanh", "identity")
+COMPILE_MODES = ("default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs")
+"""The ``torch.compile`` modes of ``--compile-mode`` (``model/compile.py``)."""
 RECOMPUTE_CHOICES = ("none", "full", "cola-m")
+#: Tensor-parallel schemes of CoLA models (``--cola-tp-scheme``; docs/tensor_parallel.md). Full-rank
+#: models always use Megatron's dense TP.
+TP_SCHEMES = ("split-rank", "bottleneck")
+#: The one place the default scheme is set.
+DEFAULT_TP_SCHEME = "split-rank"
 """The activation-recomputation modes (``ModelArgs.recompute``, ``--recompute``); the one list of them."""
 EXECUTION_FIELDS = ("recompute", "grouped_projections", "chunked_loss")
 """``ModelArgs`` fields that change how the model runs, not what it computes: a checkpoint saved with
@@ -93,7 +100,7 @@ class ModelArgs:
 
         Keyword overrides replace single fields, e.g. ``from_size("1B", cola_rank=256, vocab_size=50304)``.
         """
-        key = _lookup_size(name)
+        key = lookup_size(name)
         size = SIZES[key]
         fields = dict(
             hidden_size=size.hidden_size,
@@ -201,7 +208,8 @@ class ModelArgs:
             raise ValueError(f"ModelArgs.max_seq_length must be positive, got {self.max_seq_length}")
 
 
-def _lookup_size(name: str) -> str:
+def lookup_size(name: str) -> str:
+    """The ``SIZES`` key of ``name`` (case-insensitive); ``ValueError`` naming the allowed sizes."""
     for key in SIZES:
         if key.lower() == str(name).lower():
             return key

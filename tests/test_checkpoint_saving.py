@@ -188,7 +188,8 @@ from megatron_cola.errors import CheckpointError
 from megatron_cola.parallel import ParallelState
 from megatron_cola.training.arguments import build_train_config, model_args_from, parse_args
 from megatron_cola.training.checkpointing import AsyncSaves, save_checkpoint
-from megatron_cola.training.engine import build_engine, build_model
+from megatron_cola.training.ds_config import build_ds_config
+from megatron_cola.training.engine import build_engine, build_parallel_model
 from megatron_cola.training.pretrain import init_distributed
 
 cfg = build_train_config(parse_args(sys.argv[1:]))
@@ -197,7 +198,8 @@ cpu = torch.device("cpu")
 init_distributed(cpu)
 rank = dist.get_rank()
 parallel = ParallelState.from_torch_distributed(1)
-engine, _ = build_engine(cfg, build_model(1, model_args, parallel, cpu), parallel, cpu)
+model = build_parallel_model(1, model_args, parallel, cpu)
+engine, _ = build_engine(cfg, model, parallel, cpu, build_ds_config(cfg, "cpu"))
 save = lambda it, saves=None: save_checkpoint(engine, cfg, model_args, parallel, it, 16 * it, None, 256, {},
                                               saves=saves)
 save(1)

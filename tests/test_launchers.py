@@ -1,5 +1,6 @@
-"""Launcher scripts: they parse (bash -n, and the size scripts as Python), pass shellcheck, resolve to flags
-pretrain_cola.py accepts, and ``deepspeed examples/pretrain_cola_<size>.sh`` trains on 2 CPU ranks."""
+"""Launcher scripts: they parse (bash -n, and the size scripts as Python), pass shellcheck, resolve (through
+megatron_cola/launch.py) to flags pretrain_cola.py accepts, and ``deepspeed examples/pretrain_cola_<size>.sh``
+trains on 2 CPU ranks."""
 
 from __future__ import annotations
 
@@ -14,7 +15,7 @@ from pathlib import Path
 
 import pytest
 
-from megatron_cola.launch import resolve_recipe
+from megatron_cola.launch import resolve
 from megatron_cola.training.arguments import parse_args
 
 from .conftest import ROOT, dist_env, free_port, synthetic_args
@@ -58,10 +59,11 @@ def _resolve_with_bash(script: Path, env: dict[str, str], *extra: str) -> tuple[
 
 
 @pytest.mark.parametrize("size", SIZES)
-def test_rank_entry_resolves_the_bash_recipe(size: str, tmp_path, monkeypatch) -> None:
-    """Each rank's python (megatron_cola/launch.py) gets exactly the flags the bash path starts."""
+def test_rank_entry_resolves_the_bash_recipe(size: str, tmp_path) -> None:
+    """Each rank's python (the size script's Python half) gets exactly the flags the bash path starts."""
     env = {
         **dist_env(),
+        "PYTHON": sys.executable,
         "DATA_PATH": "0.5 /d/a b 0.5 /d/c",
         "TOKENIZER_MODEL": "/d/tok.model",
         "TP": "2",
@@ -70,26 +72,29 @@ def test_rank_entry_resolves_the_bash_recipe(size: str, tmp_path, monkeypatch) -
     }
     script = ROOT / f"examples/pretrain_cola_{size}.sh"
     _, bash_flags = _resolve_with_bash(script, env, "--eval-iters", "3")
-    for key, value in env.items():
-        monkeypatch.setenv(key, value)
-    rank_flags = resolve_recipe(script, ["--local_rank=1", "--eval-iters", "3"])
+    rank_flags = resolve(size, ["--local_rank=1", "--eval-iters", "3"], env).flags
     assert rank_flags == [*bash_flags[:-2], "--local_rank=1", "--eval-iters", "3"]
     args = parse_args(rank_flags)
     assert args.local_rank == 1 and args.eval_iters == 3 and args.seed == 7
     assert args.save == str(tmp_path / "ck dir")
 
 
-def test_rank_entry_names_a_missing_variable(monkeypatch) -> None:
+def test_rank_entry_names_a_missing_variable() -> None:
     from megatron_cola.errors import ConfigError
 
-    monkeypatch.delenv("DATA_PATH", raising=False)
-    monkeypatch.setenv("TOKENIZER_MODEL", "/d/tok.model")
+    env = {"TOKENIZER_MODEL": "/d/tok.model", "LOCAL_RANK": "0"}  # a rank of the deepspeed launcher
     with pytest.raises(ConfigError, match="DATA_PATH.*deepspeed_env"):
-        resolve_recipe(ROOT / "examples/pretrain_cola_7b.sh", ["--local_rank=0"])
+        resolve("7b", ["--local_rank=0"], env)
 
 
 def test_master_port_is_free_on_one_node_and_29500_on_several(tmp_path) -> None:
-    env = {**dist_env(), "DATA_PATH": "/d/a", "TOKENIZER_MODEL": "/d/t", "SAVE_DIR": str(tmp_path)}
+    env = {
+        **dist_env(),
+        "PYTHON": sys.executable,
+        "DATA_PATH": "/d/a",
+        "TOKENIZER_MODEL": "/d/t",
+        "SAVE_DIR": str(tmp_path),
+    }
     env.pop("MASTER_PORT", None)
     script = ROOT / "examples/pretrain_cola_60m.sh"
     with socket.socket() as busy:  # a port in use is never picked
@@ -105,7 +110,7 @@ def test_master_port_is_free_on_one_node_and_29500_on_several(tmp_path) -> None:
 
 
 def test_mpi_script_warmup_follows_train_iters(tmp_path) -> None:
-    env = {**dist_env(), "NP": "2", "TRAIN_ITERS": "5", "SAVE_DIR": str(tmp_path)}
+    env = {**dist_env(), "PYTHON": sys.executable, "NP": "2", "TRAIN_ITERS": "5", "SAVE_DIR": str(tmp_path)}
     _, flags = _resolve_with_bash(ROOT / "examples/mpi/pretrain_cola_mpi.sh", env)
     args = parse_args(flags)
     assert args.train_iters == 5 and args.lr_warmup_iters <= 5
@@ -127,6 +132,7 @@ def test_shellcheck_clean() -> None:
 def test_size_scripts_resolve_to_valid_flags(size: str, full_rank: str, tp: str, tmp_path) -> None:
     env = {
         **dist_env(),
+        "PYTHON": sys.executable,
         "LAUNCHER": "none",
         "DATA_PATH": "0.5 /d/a_text_document 0.5 /d/b_text_document",
         "TOKENIZER_MODEL": "/d/tok.model",
@@ -159,6 +165,7 @@ def test_size_script_with_ds_config(tmp_path) -> None:
     """DS_CONFIG replaces --zero-stage/--clip-grad, so the template's values do not contradict flags."""
     env = {
         **dist_env(),
+        "PYTHON": sys.executable,
         "LAUNCHER": "none",
         "DATA_PATH": "/d/a_text_document",
         "TOKENIZER_MODEL": "/d/tok.model",
@@ -221,6 +228,7 @@ def test_deepspeed_launcher_runs_the_size_script(synthetic_prefix: str, tmp_path
     save = tmp_path / "ck"
     env = {
         **dist_env(),
+        "PYTHON": sys.executable,
         "PATH": "/usr/bin:/bin",
         "DATA_PATH": synthetic_prefix,
         "TOKENIZER_TYPE": "NullTokenizer",
@@ -237,6 +245,9 @@ def test_deepspeed_launcher_runs_the_size_script(synthetic_prefix: str, tmp_path
     proc = subprocess.run(cmd, env=env, cwd=tmp_path, capture_output=True, text=True, timeout=600)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     assert "world 2 = TP 1 x DP 2" in proc.stdout
+    assert "> Megatron-CoLA: debug CoLA (overrides: --num-layers 2; " in proc.stdout  # what runs
+    assert proc.stdout.count("------------------------ arguments ------------------------") == 1  # rank 0
+    assert "flags change: --train-iters 3 (recipe: 200)" in proc.stdout
     assert (save / "latest").read_text().strip() == "iter_0000003"
     rows = [json.loads(x) for x in (save / "tensorboard" / "metrics.jsonl").read_text().splitlines()]
     assert [r["iteration"] for r in rows if r["kind"] == "train"] == [1, 2, 3]
@@ -254,6 +265,7 @@ def test_sigterm_to_the_deepspeed_runner_alone_leaves_nothing_behind(synthetic_p
     save = tmp_path / "ck"
     env = {
         **dist_env(),
+        "PYTHON": sys.executable,
         "DATA_PATH": synthetic_prefix,
         "TOKENIZER_TYPE": "NullTokenizer",
         "TOKENIZER_MODEL": "none",

@@ -184,7 +184,7 @@ def test_guard_skips_non_finite_steps_without_touching_the_state(
     one_rank: ParallelState, synthetic_prefix: str, tmp_path, zero: str, precision: list[str], capsys
 ) -> None:
     from megatron_cola.training.ds_config import build_ds_config
-    from megatron_cola.training.engine import build_engine, build_model, optimizer_name
+    from megatron_cola.training.engine import build_engine, build_parallel_model, optimizer_name
     from megatron_cola.training.guards import GuardedOptimizer, RunGuard
 
     flags = ["--train-iters", "8", "--zero-stage", zero, "--global-batch-size", "8", "--seq-length", "32"]
@@ -192,9 +192,10 @@ def test_guard_skips_non_finite_steps_without_touching_the_state(
         synthetic_prefix, *flags, "--max-consecutive-skipped-iters", "2", "--device", "cpu", *precision
     )
     device, model_args = torch.device("cpu"), model_args_from(cfg, 256)
-    zero3 = build_ds_config(cfg) if zero == "3" else None
-    model = build_model(cfg.seed, model_args, one_rank, device, zero3_config=zero3)
-    engine, scheduler = build_engine(cfg, model, one_rank, device)
+    ds_config = build_ds_config(cfg, device.type)
+    zero3 = ds_config if zero == "3" else None
+    model = build_parallel_model(cfg.seed, model_args, one_rank, device, zero3_config=zero3)
+    engine, scheduler = build_engine(cfg, model, one_rank, device, ds_config)
     # the guard holds the step itself only where DeepSpeed steps the plain torch optimizer
     assert isinstance(engine.optimizer, GuardedOptimizer) == (zero == "0" and not precision)
     guard = RunGuard(cfg, engine, device, None, time.time())

@@ -108,7 +108,7 @@ def _zero3_build_worker(rank: int, world: int, port: int, out_dir: str) -> None:
         from megatron_cola.config import ModelArgs
         from megatron_cola.model import build_model as plain_build
         from megatron_cola.parallel import ParallelState
-        from megatron_cola.training.engine import build_model
+        from megatron_cola.training.engine import build_parallel_model
 
         deepspeed.init_distributed(dist_backend="gloo", verbose=False)
         args = ModelArgs.from_size("debug", num_layers=2, vocab_size=256)
@@ -118,7 +118,7 @@ def _zero3_build_worker(rank: int, world: int, port: int, out_dir: str) -> None:
             "train_micro_batch_size_per_gpu": 1,
             "zero_optimization": {"stage": 3},
         }
-        model = build_model(7, args, parallel, torch.device("cpu"), zero3_config=config)
+        model = build_parallel_model(7, args, parallel, torch.device("cpu"), zero3_config=config)
         reference = dict(plain_build(args, seed=7).named_parameters())
         for name, p in model.named_parameters():
             # Each rank holds only its partition of every parameter ...

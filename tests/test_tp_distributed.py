@@ -1,5 +1,6 @@
-"""Tensor parallelism on real process groups (gloo, CPU): TP=2 equals TP=1, mappings are conjugate,
-the byte counter matches the analytic model, and TP=2 × DP=2 builds the right groups.
+"""Tensor parallelism on real process groups (gloo, CPU): TP=2 equals TP=1 under both CoLA schemes
+(``split-rank`` and ``bottleneck``), mappings are conjugate, the byte counter matches the analytic
+model, and TP=2 × DP=2 builds the right groups.
 
 To keep the suite fast on 2 cores, all TP=2 checks run in one spawned 2-process job (and the TP×DP
 checks in one 4-process job); each check writes an ``ok``/``err`` marker per rank, and one pytest test
@@ -35,17 +36,18 @@ from megatron_cola.parallel import (
     gather_from_tp_last_dim,
     reduce_from_tp,
     reduce_scatter_to_tp_last_dim,
-    scatter_to_tp_last_dim,
-    shard_dim,
+    reduce_to_sharded_tp,
     tp_split_dims,
     vocab_parallel_cross_entropy,
 )
+from megatron_cola.parallel.bottleneck import BottleneckCoLA, DeferredRMSNorm
 from megatron_cola.parallel.comm import model_comm_bytes
 from megatron_cola.parallel.layers import ColumnParallelCoLA, RowParallelCoLA
 
 pytestmark = pytest.mark.slow
 
 VOCAB = 256
+SCHEMES = ("split-rank", "bottleneck")
 
 
 def debug_args(**overrides: object) -> ModelArgs:
@@ -72,7 +74,9 @@ def full_grads(model: torch.nn.Module, state: ParallelState) -> dict[str, torch.
     }
 
 
-def assert_tp_equals_plain(args: ModelArgs, state: ParallelState, seed: int = 3, data_seed: int = 0) -> None:
+def assert_tp_equals_plain(
+    args: ModelArgs, state: ParallelState, seed: int = 3, data_seed: int = 0, scheme: str = "split-rank"
+) -> None:
     tokens, labels = batch(data_seed)
     mask = (torch.rand(labels.shape, generator=torch.Generator().manual_seed(1)) > 0.25).float()
     ref = CoLALlama(args, seed=seed)
@@ -80,7 +84,7 @@ def assert_tp_equals_plain(args: ModelArgs, state: ParallelState, seed: int = 3,
     ref_loss = ref(tokens, labels, mask)
     ref_loss.backward()
 
-    model = apply_tensor_parallel(CoLALlama(args, seed=seed), state)
+    model = apply_tensor_parallel(CoLALlama(args, seed=seed), state, scheme)
     logits = model(tokens)
     loss = model(tokens, labels, mask)
     loss.backward()
@@ -148,14 +152,13 @@ def check_mappings_conjugate(state: ParallelState) -> None:
     (y * g).sum().backward()
     torch.testing.assert_close(x.grad, g)
 
-    # scatter_to_tp_last_dim: replicated in (non-contiguous), per-rank slices out
-    base = same(6, 3)
-    x = base.t().requires_grad_()  # (3, 6), non-contiguous
-    g = per_rank(3, 6 // t)
-    y = scatter_to_tp_last_dim(x, group)
-    torch.testing.assert_close(y, x.detach()[:, r * 3 : (r + 1) * 3])
+    # reduce_to_sharded_tp: per-rank in, per-rank consumers -> y = sum_i x_i, dx_i = sum_j g_j
+    x = per_rank(3, 1).requires_grad_()
+    g = per_rank(3, 1)
+    y = reduce_to_sharded_tp(x, group)
+    torch.testing.assert_close(y, sum(all_of(x.detach())))
     (y * g).sum().backward()
-    torch.testing.assert_close(x.grad, torch.cat(all_of(g), dim=-1))
+    torch.testing.assert_close(x.grad, sum(all_of(g)))
 
     # gather_from_tp_last_dim: per-rank slices in, replicated consumer -> dx_i = slice_i(G)
     x = per_rank(2, 3, 5).transpose(0, 1).requires_grad_()  # (3, 2, 5), non-contiguous
@@ -220,23 +223,28 @@ def check_vocab_parallel_cross_entropy(state: ParallelState) -> None:
 
 
 def check_cola(state: ParallelState) -> None:
-    assert_tp_equals_plain(debug_args(), state)
+    for scheme in SCHEMES:
+        assert_tp_equals_plain(debug_args(), state, scheme=scheme)
 
 
 def check_cola_without_gate_silu(state: ParallelState) -> None:
-    assert_tp_equals_plain(debug_args(gate_activation=False), state)
+    for scheme in SCHEMES:
+        assert_tp_equals_plain(debug_args(gate_activation=False, num_layers=1), state, scheme=scheme)
 
 
 def check_cola_m(state: ParallelState) -> None:
-    assert_tp_equals_plain(debug_args(recompute="cola-m"), state)
+    for scheme in SCHEMES:
+        assert_tp_equals_plain(debug_args(recompute="cola-m"), state, scheme=scheme)
 
 
 def check_cola_full_recompute(state: ParallelState) -> None:
-    assert_tp_equals_plain(debug_args(recompute="full"), state)
+    for scheme in SCHEMES:
+        assert_tp_equals_plain(debug_args(recompute="full", num_layers=1), state, scheme=scheme)
 
 
 def check_full_rank(state: ParallelState) -> None:
-    assert_tp_equals_plain(debug_args(full_rank=True), state)
+    # the flag does not apply to full-rank models: Megatron's dense TP either way
+    assert_tp_equals_plain(debug_args(full_rank=True), state, scheme="bottleneck")
 
 
 def check_full_rank_full_recompute(state: ParallelState) -> None:
@@ -256,10 +264,11 @@ def check_layers_are_swapped(state: ParallelState) -> None:
         assert p.tensor_model_parallel  # DeepSpeed's flag, written from the plan
     assert not hasattr(model.norm.weight, "tensor_model_parallel")
     assert set(tp_split_dims(model)) == {n for n, _ in model.named_parameters() if "norm" not in n}
-    assert shard_dim(model, "layers.0.self_attn.q_proj.weight_a") == 0
-    assert shard_dim(model, "layers.0.mlp.down_proj.weight_b") == 1
-    assert shard_dim(model, "norm.weight") is None
+    assert model.sharding.dim("layers.0.self_attn.q_proj.weight_a") == 0
+    assert model.sharding.dim("layers.0.mlp.down_proj.weight_b") == 1
+    assert model.sharding.dim("norm.weight") is None
     assert full_shape(model, "layers.0.mlp.down_proj.weight_a") == (r, f)
+    assert model.sharding.scheme == "split-rank"
     assert model.sharding.tp_size == 2 and not vars(attn.q_proj.weight_a).keys() - {
         "tensor_model_parallel",
         "partition_dim",
@@ -274,20 +283,45 @@ def check_layers_are_swapped(state: ParallelState) -> None:
     with pytest.raises(ValueError, match="vocab_size 255 is not divisible by tensor-model-parallel size 2"):
         apply_tensor_parallel(CoLALlama(debug_args(vocab_size=255, num_layers=1)), state)
 
+    # bottleneck: every parameter split, the residual stream's d in A's columns and B's rows
+    model = apply_tensor_parallel(CoLALlama(debug_args()), state, "bottleneck")
+    block = model.layers[0]
+    attn, mlp = block.self_attn, block.mlp
+    assert model.sharding.scheme == "bottleneck"
+    assert isinstance(attn.q_proj, BottleneckCoLA) and isinstance(block.input_layernorm, DeferredRMSNorm)
+    assert attn.q_proj.weight_a.shape == (r, d // 2) and attn.q_proj.weight_b.shape == (d // 2, r)
+    assert mlp.down_proj.weight_a.shape == (r, f // 2) and mlp.down_proj.weight_b.shape == (d // 2, r)
+    assert model.embed_tokens.weight.shape == (VOCAB, d // 2)
+    assert model.lm_head.weight.shape == (VOCAB // 2, d)
+    assert set(tp_split_dims(model)) == {n for n, _ in model.named_parameters()}
+    dims = {"embed_tokens.weight": 1, "norm.weight": 0, "lm_head.weight": 0}
+    dims |= {"layers.0.input_layernorm.weight": 0, "layers.0.mlp.gate_proj.weight_a": 1}
+    dims |= {"layers.0.mlp.gate_proj.weight_b": 0, "layers.0.self_attn.o_proj.weight_a": 1}
+    assert {n: model.sharding.dim(n) for n in dims} == dims
+    assert model.norm.weight.tensor_model_parallel and full_shape(model, "norm.weight") == (d,)
+    with pytest.raises(Exception, match="cola_rank"):
+        apply_tensor_parallel(CoLALlama(debug_args(cola_rank=63, num_layers=1)), state, "split-rank")
+    apply_tensor_parallel(CoLALlama(debug_args(cola_rank=63, num_layers=1)), state, "bottleneck")  # any r
+
 
 def check_init_and_checkpoint_shards(state: ParallelState) -> None:
     """Shards are cut from the seeded full weights (plain model, init_weights, meta build) and the
     model-file merge of the ranks' shards along ``tp_split_dims`` gives the plain state dict back."""
-    for args in (debug_args(), debug_args(full_rank=True)):
+    for args, scheme in (
+        (debug_args(), "split-rank"),
+        (debug_args(), "bottleneck"),
+        (debug_args(full_rank=True), ""),
+    ):
+        scheme = scheme or "split-rank"
         plain = CoLALlama(args, seed=7)
-        model = apply_tensor_parallel(CoLALlama(args, seed=7), state)
+        model = apply_tensor_parallel(CoLALlama(args, seed=7), state, scheme)
         before = {k: v.clone() for k, v in model.state_dict().items()}
         model.init_weights(7)
         for k, v in model.state_dict().items():
             assert torch.equal(v, before[k]), k
         with torch.device("meta"):
             meta = CoLALlama(args)
-        meta = apply_tensor_parallel(meta, state)
+        meta = apply_tensor_parallel(meta, state, scheme)
         meta.to_empty(device="cpu")  # may replace the Parameter objects: the plan is on the model
         assert tp_split_dims(meta) == tp_split_dims(model)
         meta.init_weights(7)
@@ -320,6 +354,27 @@ def check_comm_counter_matches_analytic(state: ParallelState) -> None:
             model(tokens, labels).backward()
         expected = model_comm_bytes(args, state.tp_size, tokens.numel(), dtype_bytes=4)
         assert counter.total_bytes == pytest.approx(expected, rel=1e-12), (args.recompute, args.full_rank)
+    for args in (debug_args(), debug_args(grouped_projections=True), debug_args(recompute="cola-m")):
+        model = apply_tensor_parallel(CoLALlama(args, seed=1), state, "bottleneck")
+        with CommCounter() as counter:
+            model(tokens, labels).backward()
+        assert counter.total_bytes == pytest.approx(
+            bottleneck_bytes(args, state.tp_size, tokens.numel()), rel=1e-12
+        ), (args.recompute, args.grouped_projections)
+        calls = len(counter.records) - 6  # the final norm (2), the head (2) and the loss (2)
+        assert calls == args.num_layers * (8 if args.grouped_projections else 14)
+
+
+def bottleneck_bytes(args: ModelArgs, t: int, tokens: int, elem: int = 4) -> float:
+    """What the bottleneck scheme moves in one fp32 forward + backward (docs/tensor_parallel.md): per
+    block, all-reduces of 7r + 5 (plain: q/k/v/gate/up each carry their norm's sum of squares) or
+    7r + 2 (grouped) elements forward and 7r backward; the final norm's sum of squares (fwd + bwd),
+    the head's all-gather of d (fwd) and reduce-scatter (bwd), the loss's 3 fp32 numbers."""
+    d, r, ar, ag = args.hidden_size, args.cola_rank, 2 * (t - 1) / t, (t - 1) / t
+    extra = 2 if args.grouped_projections else 5
+    block = ar * (14 * r + extra)
+    outside = ar * 2 + ag * 2 * d + ar * 3
+    return elem * tokens * (args.num_layers * block + outside)
 
 
 def check_cola_m_keeps_rank_slices(state: ParallelState) -> None:
@@ -333,18 +388,26 @@ def check_cola_m_keeps_rank_slices(state: ParallelState) -> None:
     r, t = args.cola_rank, state.tp_size
     per_token_layer = sum(k.numel() for k in kept) / tokens.numel() / args.num_layers
     assert per_token_layer == 7 * r / t
+    # bottleneck: the all-reduced A outputs, whole (r each, + the sum of squares carried by q/k/v/gate/up)
+    model = apply_tensor_parallel(CoLALlama(args), state, "bottleneck")
+    with record_kept_tensors() as kept, CommCounter() as counter:
+        model(tokens, labels).backward()
+    assert sum(k.numel() for k in kept) / tokens.numel() / args.num_layers == 7 * r + 5
+    # ... so recomputation re-runs no collective: 14 per block, as without recomputation
+    assert len(counter.records) - 6 == 14 * args.num_layers
 
 
 def check_bf16_autocast_runs(state: ParallelState) -> None:
     args = debug_args(recompute="cola-m")
     tokens, labels = batch(0)
-    with torch.autocast("cpu", dtype=torch.bfloat16):
-        ref = CoLALlama(args, seed=3)(tokens, labels)
-        model = apply_tensor_parallel(CoLALlama(args, seed=3), state)
-        loss = model(tokens, labels)
-    loss.backward()
-    torch.testing.assert_close(loss, ref, atol=0.05, rtol=0.02)
-    assert all(torch.isfinite(p.grad).all() for p in model.parameters())
+    for scheme in SCHEMES:
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            ref = CoLALlama(args, seed=3)(tokens, labels)
+            model = apply_tensor_parallel(CoLALlama(args, seed=3), state, scheme)
+            loss = model(tokens, labels)
+        loss.backward()
+        torch.testing.assert_close(loss, ref, atol=0.05, rtol=0.02)
+        assert all(torch.isfinite(p.grad).all() for p in model.parameters())
 
 
 def check_deepspeed_grad_norm(state: ParallelState) -> None:
@@ -358,10 +421,11 @@ def check_deepspeed_grad_norm(state: ParallelState) -> None:
     ref = CoLALlama(args, seed=3)
     ref(tokens, labels).backward()
     ref_norm = torch.linalg.vector_norm(torch.stack([p.grad.norm() for p in ref.parameters()]))
-    model = apply_tensor_parallel(CoLALlama(args, seed=3), state)
-    model(tokens, labels).backward()
-    norm = clip_grad_norm_(list(model.parameters()), max_norm=1e9, mpu=state.mpu())
-    torch.testing.assert_close(norm.reshape(()), ref_norm)
+    for scheme in SCHEMES:  # bottleneck: the norms' scales are split too
+        model = apply_tensor_parallel(CoLALlama(args, seed=3), state, scheme)
+        model(tokens, labels).backward()
+        norm = clip_grad_norm_(list(model.parameters()), max_norm=1e9, mpu=state.mpu())
+        torch.testing.assert_close(norm.reshape(()), ref_norm)
 
 
 def check_grouped_projections_agree(state: ParallelState) -> None:
@@ -373,10 +437,13 @@ def check_grouped_projections_agree(state: ParallelState) -> None:
         torch.testing.assert_close(actual, expected, rtol=0, atol=atol, msg=str(what))
 
     tokens, labels = batch(0)
-    for args in (debug_args(), debug_args(recompute="cola-m"), debug_args(full_rank=True)):
+    cases = [(debug_args(), "split-rank"), (debug_args(recompute="cola-m"), "split-rank")]
+    cases += [(debug_args(full_rank=True), "split-rank"), (debug_args(recompute="cola-m"), "bottleneck")]
+    for args, scheme in cases:
         results = []
         for grouped in (False, True):
-            model = apply_tensor_parallel(CoLALlama(args.replace(grouped_projections=grouped), seed=3), state)
+            plain = CoLALlama(args.replace(grouped_projections=grouped), seed=3)
+            model = apply_tensor_parallel(plain, state, scheme)
             logits = model(tokens)
             loss = model(tokens, labels)
             loss.backward()
@@ -393,12 +460,13 @@ def check_compiled_blocks(state: ParallelState) -> None:
     from megatron_cola.model.compile import compile_blocks
 
     tokens, labels = batch(0)
-    for args in (
-        debug_args(num_layers=1),
-        debug_args(num_layers=1, recompute="cola-m", grouped_projections=True),
+    for args, scheme in (
+        (debug_args(num_layers=1), "split-rank"),
+        (debug_args(num_layers=1, recompute="cola-m", grouped_projections=True), "split-rank"),
+        (debug_args(num_layers=1, recompute="cola-m", grouped_projections=True), "bottleneck"),
     ):
-        eager = apply_tensor_parallel(CoLALlama(args, seed=3), state)
-        compiled = compile_blocks(apply_tensor_parallel(CoLALlama(args, seed=3), state))
+        eager = apply_tensor_parallel(CoLALlama(args, seed=3), state, scheme)
+        compiled = compile_blocks(apply_tensor_parallel(CoLALlama(args, seed=3), state, scheme))
         for model in (eager, compiled):
             model(tokens, labels).backward()
         torch.testing.assert_close(compiled(tokens, labels), eager(tokens, labels), rtol=1e-5, atol=0)
@@ -448,7 +516,8 @@ def check_tp2_dp2_groups(state: ParallelState) -> None:
 
 def check_tp2_dp2_model(state: ParallelState) -> None:
     """Each DP replica (its own data) computes with its own TP pair what the plain model does."""
-    assert_tp_equals_plain(debug_args(num_layers=1), state, data_seed=state.dp_rank)
+    for scheme in SCHEMES:
+        assert_tp_equals_plain(debug_args(num_layers=1), state, data_seed=state.dp_rank, scheme=scheme)
 
 
 TP2_DP2_CHECKS: dict[str, Callable[[ParallelState], None]] = {

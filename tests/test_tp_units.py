@@ -177,3 +177,146 @@ def test_comm_bytes_tool_runs() -> None:
         cwd=ROOT,
     ).stdout
     assert "| 7B | 2 |" in out and "| 7B | 8 |" in out and "1.438" in out
+
+
+# ---------------------------------------------------------------------- schemes, plan, head, ops
+def test_effective_scheme_and_size_checks_per_scheme() -> None:
+    from megatron_cola.config import DEFAULT_TP_SCHEME, TP_SCHEMES
+    from megatron_cola.parallel import effective_scheme
+
+    cola = ModelArgs.from_size("debug", vocab_size=256, num_layers=1)
+    assert DEFAULT_TP_SCHEME in TP_SCHEMES == ("split-rank", "bottleneck")
+    assert [effective_scheme(cola, s) for s in TP_SCHEMES] == list(TP_SCHEMES)
+    assert effective_scheme(cola.replace(full_rank=True), "bottleneck") == "dense"
+    with pytest.raises(ValueError, match="unknown tensor-parallel scheme"):
+        effective_scheme(cola, "naive")
+    odd_rank = cola.replace(cola_rank=63)
+    with pytest.raises(ConfigError, match="--cola-rank 64"):
+        check_tensor_parallel_size(2, model_args=odd_rank, scheme="split-rank")
+    check_tensor_parallel_size(2, model_args=odd_rank, scheme="bottleneck")  # r is never split
+
+
+def test_sharding_plan_records_its_scheme() -> None:
+    from megatron_cola.model.sharding import ShardingPlan, ShardSpec
+
+    plan = ShardingPlan(tp_size=2, tp_rank=1, scheme="bottleneck")
+    plan.add("embed_tokens.weight", ShardSpec((256, 8), 1, 2, 1))
+    full = torch.arange(256 * 8.0).view(256, 8)
+    assert torch.equal(plan.shard("embed_tokens.weight", full), full[:, 4:])
+    assert plan.split_dims() == {"embed_tokens.weight": 1} and plan.dim("norm.weight") is None
+    assert ShardingPlan().scheme == "none"
+    with pytest.raises(ValueError, match="sharding scheme 'naive'"):
+        ShardingPlan(scheme="naive")
+
+
+def test_lm_head_owns_the_loss() -> None:
+    """``LMHead.loss`` is the reference cross entropy of ``head(hidden)``, chunked or not; the model has
+    no loss slot of its own."""
+    from megatron_cola.model.layers import LMHead
+
+    gen = torch.Generator().manual_seed(0)
+    hidden = torch.randn(2, 5, 16, generator=gen)
+    labels = torch.randint(0, 40, (2, 5), generator=gen)
+    mask = (torch.rand(2, 5, generator=gen) > 0.3).float()
+    head = LMHead(16, 40)
+    chunked = LMHead(16, 40, chunked=True)
+    chunked.load_state_dict(head.state_dict())
+    ref = CrossEntropyLoss()(head(hidden), labels, mask)
+    torch.testing.assert_close(head.loss(hidden, labels, mask), ref)
+    torch.testing.assert_close(chunked.loss(hidden, labels, mask), ref)
+    model = CoLALlama(ModelArgs.from_size("debug", vocab_size=64, num_layers=1), seed=0)
+    assert isinstance(model.lm_head, LMHead) and not hasattr(model, "loss_fn")
+
+
+def test_parallelize_applies_recompute_and_compile_in_one_pass() -> None:
+    from megatron_cola.parallel import apply_recompute, parallelize
+
+    model = CoLALlama(ModelArgs.from_size("debug", vocab_size=64, num_layers=1, recompute="cola-m"), seed=0)
+    assert parallelize(model, ParallelState.single(), scheme="bottleneck") is model
+    assert model.layers[0].recompute == "cola-m" and model.layers[0].self_attn.q_proj.keep_a_output
+    apply_recompute(model, "none")
+    assert model.layers[0].recompute == "none" and not model.layers[0].mlp.down_proj.keep_a_output
+    assert model.sharding.scheme == "none"
+
+
+def test_cola_tp_scheme_flag() -> None:
+    from megatron_cola.config import DEFAULT_TP_SCHEME
+    from megatron_cola.training.arguments import parse_args
+
+    assert parse_args(["--data-path", "x"]).cola_tp_scheme == DEFAULT_TP_SCHEME
+    assert parse_args(["--data-path", "x", "--cola-tp-scheme", "bottleneck"]).cola_tp_scheme == "bottleneck"
+    with pytest.raises(SystemExit):
+        parse_args(["--data-path", "x", "--cola-tp-scheme", "naive"])
+
+
+_BOTTLENECK_OPS = r"""
+import os, torch, torch.distributed as dist
+from megatron_cola.model.cola_linear import CoLALinear, project_shared_input
+from megatron_cola.model.layers import RMSNorm
+from megatron_cola.parallel import BottleneckCoLA, CommCounter, DeferredRMSNorm, ParallelState, ShardedRMSNorm
+
+os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=os.environ["PORT"])
+dist.init_process_group("gloo", rank=0, world_size=1)
+state = ParallelState.from_torch_distributed(1)  # a real group of one: the ops run, the sums are trivial
+torch.manual_seed(0)
+dt = torch.float64
+x = torch.randn(2, 3, 16, dtype=dt)
+w = torch.randn(4, 16, dtype=dt)
+extra = torch.randn(2, 3, 1, dtype=dt)
+op = torch.ops.megatron_cola.kept_linear_all_reduce
+torch.library.opcheck(op, (x, w, extra, state.tp_group.group_name))
+inputs = [t.clone().requires_grad_() for t in (x, w, extra)]
+torch.autograd.gradcheck(lambda a, b, c: op(a, b, c, state.tp_group.group_name), inputs)
+torch.testing.assert_close(op(x, w, extra, state.tp_group.group_name), torch.cat([x @ w.T, extra], -1))
+
+# a deferred norm finished after A is the plain norm followed by the plain map (values and gradients)
+norm = RMSNorm(16, 1e-5).to(dt)
+with torch.no_grad():
+    norm.weight.normal_()
+layers = [CoLALinear(16, 12, 4).to(dt) for _ in range(3)]
+twins = [BottleneckCoLA.from_dense(layer, state, norm_eps=1e-5) for layer in layers]
+deferred = DeferredRMSNorm.from_dense(norm, state)
+h = x.clone().requires_grad_()
+ref = [layer(norm(h)) for layer in layers]
+sum(r.square().sum() for r in ref).backward()
+ref_grads = [h.grad, norm.weight.grad] + [p.grad for layer in layers for p in layer.parameters()]
+for grouped in (False, True):
+    h.grad = None
+    for m in [deferred, *twins]:
+        m.zero_grad()
+    packet = deferred(h)
+    with CommCounter() as counter:
+        out = project_shared_input(twins, packet) if grouped else [twin(packet) for twin in twins]
+    assert len(counter.records) == (1 if grouped else 3), counter.records  # one all-reduce per group
+    for o, r in zip(out, ref):
+        torch.testing.assert_close(o, r)
+    sum(o.square().sum() for o in out).backward()
+    grads = [h.grad, deferred.weight.grad] + [p.grad for twin in twins for p in twin.parameters()]
+    for g, r in zip(grads, ref_grads):
+        torch.testing.assert_close(g, r)
+final = ShardedRMSNorm.from_dense(norm, state)
+torch.testing.assert_close(final(x), norm(x))
+dist.destroy_process_group()
+print("OK")
+"""
+
+
+def test_bottleneck_ops_in_a_group_of_one(tmp_path: Path) -> None:
+    """The kept all-reduce op passes ``torch.library.opcheck`` and ``gradcheck``; a deferred RMSNorm
+    finished inside the A all-reduce equals the plain norm and map, plain and grouped (float64)."""
+    import os
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    env = {**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1", "PORT": str(port)}
+    proc = subprocess.run(
+        [sys.executable, "-c", _BOTTLENECK_OPS],
+        env=env,
+        cwd=tmp_path,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert proc.returncode == 0 and "OK" in proc.stdout, proc.stderr[-3000:]

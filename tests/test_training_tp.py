@@ -1,5 +1,5 @@
 """Tensor parallelism in pre-training: TP=2 x ZeRO-1 equals TP=1, TP=2 x DP=2 equals DP=2, exact resume
-with TP=2, and layout errors (CPU, gloo)."""
+with TP=2, and layout errors (CPU, gloo). Resuming on another TP size: tests/test_resume_layouts.py."""
 
 from __future__ import annotations
 
@@ -47,9 +47,17 @@ def test_tp2_matches_tp1_and_resumes_exactly(synthetic_prefix: str, tmp_path) ->
     for it in range(1, 6):
         assert tp2[it] == pytest.approx(tp1[it], rel=1e-5), (it, tp1[it], tp2[it])
 
-    # Stop after 2 steps and resume: the same losses as the uninterrupted TP=2 run.
+    # Stop after 2 steps and resume: the same losses as the uninterrupted TP=2 run. Without the
+    # layout-free optimizer state (tests/test_resume_layouts.py resumes on another TP size with it).
     ckpt = tmp_path / "ckpt"
-    common = tp_args(synthetic_prefix, "--tensor-model-parallel-size", "2", "--recompute", "cola-m")
+    common = tp_args(
+        synthetic_prefix,
+        "--tensor-model-parallel-size",
+        "2",
+        "--recompute",
+        "cola-m",
+        "--no-save-reshardable-optim",
+    )
     run_torchrun(
         [*common, "--tensorboard-dir", str(tmp_path / "split"), "--save", str(ckpt), "--exit-interval", "2"]
     )
@@ -65,7 +73,8 @@ def test_tp2_matches_tp1_and_resumes_exactly(synthetic_prefix: str, tmp_path) ->
     for it in range(1, 6):
         assert f"{split[it]:.6E}" == f"{tp2[it]:.6E}", (it, split[it], tp2[it])
 
-    # A TP=1 run cannot resume the TP=2 optimizer state, and says what to do.
+    assert not list(ckpt.glob("iter_*/optim_tp*.pt"))
+    # Without optim_tpNN.pt a TP=1 run cannot resume the TP=2 optimizer state, and says what to do.
     proc = subprocess.run(
         [
             sys.executable,
@@ -81,6 +90,7 @@ def test_tp2_matches_tp1_and_resumes_exactly(synthetic_prefix: str, tmp_path) ->
     )
     assert proc.returncode == 2
     assert "saved with tensor-model-parallel size 2" in proc.stderr and "--finetune" in proc.stderr
+    assert "no layout-free optimizer state" in proc.stderr
 
     # --finetune loads the TP=2 weights into a TP=1 model: its first loss is the TP=2 run's last state.
     ft = subprocess.run(
@@ -104,17 +114,20 @@ def test_tp2_matches_tp1_and_resumes_exactly(synthetic_prefix: str, tmp_path) ->
 
 
 def test_tp2_dp2_matches_dp2(synthetic_prefix: str, tmp_path) -> None:
+    """Through the trainer under the bottleneck scheme (the test above runs the default, split-rank)."""
     run_torchrun(
         [*tp_args(synthetic_prefix, "--train-iters", "3"), "--tensorboard-dir", str(tmp_path / "dp2")]
     )
-    run_torchrun(
+    tp2 = ["--tensor-model-parallel-size", "2", "--cola-tp-scheme", "bottleneck"]
+    proc = run_torchrun(
         [
-            *tp_args(synthetic_prefix, "--train-iters", "3", "--tensor-model-parallel-size", "2"),
+            *tp_args(synthetic_prefix, "--train-iters", "3", *tp2),
             "--tensorboard-dir",
             str(tmp_path / "tp2dp2"),
         ],
         nproc=4,
     )
+    assert "> tensor parallelism: bottleneck scheme, TP=2" in proc.stdout
     dp2, tp2dp2 = train_losses(tmp_path / "dp2"), train_losses(tmp_path / "tp2dp2")
     for it in range(1, 4):
         assert tp2dp2[it] == pytest.approx(dp2[it], rel=1e-5), (it, dp2[it], tp2dp2[it])

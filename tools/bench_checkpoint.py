@@ -14,6 +14,11 @@ the largest file. Each saved checkpoint is deleted after it was measured.
 takes to return (the snapshot into host memory), training steps run while the background writer works,
 and the time the next ``wait`` still blocks. Training is blocked for snapshot + wait per save; the
 ratio to the mean synchronous save is printed.
+
+``--layout-free`` measures what the layout-free optimizer state (``optim_tpNN.pt``, written by default;
+``--no-save-reshardable-optim`` skips it) costs: ``--saves`` saves without it and as many with it (time
+and size of each), then the time to read it back into the engine as a resume on another layout does
+(``load_optim_files`` + ``restore_optimizer_state``).
 """
 
 import sys

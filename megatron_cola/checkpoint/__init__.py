@@ -10,6 +10,7 @@ Layout of a checkpoint root (``--save DIR``; Megatron's tags, DeepSpeed's files)
     DIR/iter_0000100/                    one checkpoint (``iteration_tag``)
         mp_rank_XX_model_states.pt, *_optim_states.pt   DeepSpeed's engine/optimizer state + client state
         model_tpNN.pt                    model weights per TP rank, gathered whatever the ZeRO stage
+        optim_tpNN.pt                    fp32 masters + Adam moments per parameter and TP rank, layout-free
         rng_state_RRRRR.pt               RNG states per global rank
         manifest.json                    size + xxh3-128 of every file, written before ``latest``
 
@@ -18,7 +19,8 @@ file of a checkpoint is written and read through them), ``model_files`` (the ZeR
 files), ``deepspeed_state`` (DeepSpeed engine state and RNG), ``manifest`` (checksums), ``recovery`` (which
 checkpoint to resume from, fallbacks, moving corrupt ones aside, rotation), ``weights`` (weights-only
 loading into any TP layout, through the model's sharding plan in ``megatron_cola.model.sharding``),
-``async_save`` (the background writer of ``--async-save``), ``lock`` (one run per save directory).
+``async_save`` (the background writer of ``--async-save``), ``lock`` (one run per save directory),
+``optim_state`` (the layout-free optimizer state a resume on another layout is rebuilt from).
 """
 
 from megatron_cola.checkpoint.io import CheckpointReader, CheckpointWriter

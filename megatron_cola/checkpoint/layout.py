@@ -20,6 +20,11 @@ def model_file_name(tp_rank: int) -> str:
     return f"model_tp{tp_rank:02d}.pt"
 
 
+def optim_file_name(tp_rank: int) -> str:
+    """The layout-free optimizer-state file of tensor-parallel rank ``tp_rank`` (``optim_state``)."""
+    return f"optim_tp{tp_rank:02d}.pt"
+
+
 def rng_file_name(global_rank: int) -> str:
     """The RNG-state file of global rank ``global_rank``."""
     return f"rng_state_{global_rank:05d}.pt"

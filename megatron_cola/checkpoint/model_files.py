@@ -10,6 +10,9 @@ parameters gathered (ZeRO-3 included). Each is a ``torch.save`` dict:
 ``tp_rank``, ``tp_size``
 ``split_dims``    ``{param name: dim}`` for each tensor-parallel-sharded parameter: the full tensor is the
                   ``torch.cat`` of the shards of ranks 0..tp_size-1 along ``dim``; absent = replicated
+``tp_scheme``     the ``ShardingPlan.scheme`` the shards come from (``"none"``, ``"dense"``,
+                  ``"split-rank"``, ``"bottleneck"``); files written before it existed are ``"split-rank"``
+                  (or ``"none"`` at TP=1). The merge needs only ``split_dims``, whatever the scheme
 ``state_dict``    this rank's parameters (the model's own names: ``layers.0.self_attn.q_proj.weight_a``, ...)
 ``iteration``, ``tokenizer`` (``{"type": ..., "model": ...}`` or ``None``)
 
@@ -41,6 +44,7 @@ def model_file_payload(
     vocab_size: int | None = None,
     iteration: int = 0,
     tokenizer: dict[str, Any] | None = None,
+    tp_scheme: str = "none",
 ) -> dict[str, Any]:
     """What one TP rank's model file holds (its tensors on the CPU)."""
     return {
@@ -51,6 +55,7 @@ def model_file_payload(
         "tp_rank": tp_rank,
         "tp_size": tp_size,
         "split_dims": dict(split_dims),
+        "tp_scheme": tp_scheme,
         "state_dict": {k: v.detach().cpu() for k, v in state_dict.items()},
         "iteration": iteration,
         "tokenizer": tokenizer,
@@ -126,13 +131,23 @@ def merge_tp_shards(files: list[dict[str, Any]]) -> dict[str, torch.Tensor]:
 
 
 def load_full_state_dict(
-    load_dir: str, iteration: int | None = None, drop_vocab_padding: bool = False
+    load_dir: str, iteration: int | None = None, drop_vocab_padding: bool = False, source: str = "module"
 ) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
     """Unsharded state dict and metadata (``args``, ``vocab_size``, ``iteration``, ``tokenizer``,
     ``tp_size``) of a checkpoint. With ``drop_vocab_padding`` the embedding and LM head are cut to the
-    tokenizer's vocab size and ``args["vocab_size"]`` set to it."""
-    files = load_model_files(CheckpointReader(load_dir, iteration))
-    state = merge_tp_shards(files)
+    tokenizer's vocab size and ``args["vocab_size"]`` set to it. ``source="master"``: the weights are
+    the fp32 master weights of the layout-free optimizer state (``optim_tpNN.pt``) instead of the module's
+    (bf16 in a bf16 run)."""
+    reader = CheckpointReader(load_dir, iteration)
+    files = load_model_files(reader)
+    if source == "master":
+        from megatron_cola.checkpoint.optim_state import full_masters, load_optim_files
+
+        state = dict(full_masters(load_optim_files(reader)))
+    elif source == "module":
+        state = merge_tp_shards(files)
+    else:
+        raise ValueError(f"source must be 'module' or 'master', got {source!r}")
     meta = {k: files[0][k] for k in ("args", "vocab_size", "iteration", "tokenizer", "tp_size")}
     meta["args"] = dict(meta["args"])
     if drop_vocab_padding and meta["vocab_size"] and meta["vocab_size"] < meta["args"]["vocab_size"]:

@@ -13,6 +13,11 @@ the largest file. Each saved checkpoint is deleted after it was measured.
 takes to return (the snapshot into host memory), training steps run while the background writer works,
 and the time the next ``wait`` still blocks. Training is blocked for snapshot + wait per save; the
 ratio to the mean synchronous save is printed.
+
+``--layout-free`` measures what the layout-free optimizer state (``optim_tpNN.pt``, written by default;
+``--no-save-reshardable-optim`` skips it) costs: ``--saves`` saves without it and as many with it (time
+and size of each), then the time to read it back into the engine as a resume on another layout does
+(``load_optim_files`` + ``restore_optimizer_state``).
 """
 
 from __future__ import annotations
@@ -50,13 +55,17 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--saves", type=int, default=2)
     p.add_argument("--fp32", action="store_true", help="fp32 instead of bf16")
     p.add_argument("--async", dest="async_save", action="store_true", help="also time --async-save")
+    p.add_argument(
+        "--layout-free", action="store_true", help="time saves with and without optim_tpNN.pt, and its load"
+    )
     a = p.parse_args(argv)
 
     from megatron_cola.checkpoint.manifest import file_digest, write_manifest
     from megatron_cola.parallel import ParallelState
     from megatron_cola.training.arguments import build_train_config, model_args_from, parse_args
     from megatron_cola.training.checkpointing import AsyncSaves, save_checkpoint
-    from megatron_cola.training.engine import build_engine, build_model
+    from megatron_cola.training.ds_config import build_ds_config
+    from megatron_cola.training.engine import build_engine, build_parallel_model
     from megatron_cola.training.pretrain import init_distributed
 
     flags = ["--model-size", a.model_size, "--data-path", a.data_path, "--tokenizer-type", "NullTokenizer"]
@@ -68,8 +77,8 @@ def main(argv: list[str] | None = None) -> None:
     device = torch.device("cpu")
     init_distributed(device)
     parallel = ParallelState.from_torch_distributed(1)
-    model = build_model(cfg.seed, model_args, parallel, device)
-    engine, _ = build_engine(cfg, model, parallel, device)
+    model = build_parallel_model(cfg.seed, model_args, parallel, device)
+    engine, _ = build_engine(cfg, model, parallel, device, build_ds_config(cfg, device.type))
     tokens = torch.randint(0, 32000, (1, 16))
 
     def train_step() -> None:
@@ -80,6 +89,10 @@ def main(argv: list[str] | None = None) -> None:
     print(
         f"model {a.model_size}: {model_args.num_params() / 1e6:.1f}M params, {'fp32' if a.fp32 else 'bf16'}"
     )
+    if a.layout_free:
+        _bench_layout_free(a.saves, engine, cfg, model_args, parallel)
+        dist.destroy_process_group()
+        return
     sync_times = []
     for i in range(1, a.saves + 1):
         start = time.perf_counter()
@@ -111,6 +124,40 @@ def main(argv: list[str] | None = None) -> None:
             AsyncSaves(),
         )
     dist.destroy_process_group()
+
+
+def _bench_layout_free(n: int, engine, cfg, model_args, parallel) -> None:
+    """``n`` saves without ``optim_tpNN.pt`` and ``n`` with it, then its load into the engine."""
+    import dataclasses
+
+    from megatron_cola.checkpoint import CheckpointReader
+    from megatron_cola.checkpoint.optim_state import load_optim_files, restore_optimizer_state
+    from megatron_cola.training.checkpointing import save_checkpoint
+
+    def dir_size(path: str) -> int:
+        return sum(os.path.getsize(os.path.join(path, f)) for f in os.listdir(path))
+
+    results: dict[bool, list[tuple[float, int]]] = {False: [], True: []}
+    for i in range(1, 2 * n + 1):
+        layout_free = i > n
+        run_cfg = dataclasses.replace(cfg, no_save_reshardable_optim=not layout_free)
+        start = time.perf_counter()
+        path = save_checkpoint(engine, run_cfg, model_args, parallel, i, i, None, 32000, {})
+        results[layout_free].append((time.perf_counter() - start, dir_size(path)))
+        print(f"save {i} ({'with' if layout_free else 'without'} optim_tp00.pt): {results[layout_free][-1]}")
+        if i == 2 * n:
+            start = time.perf_counter()
+            files = load_optim_files(CheckpointReader(cfg.save, i))
+            count, _ = restore_optimizer_state(engine, files)
+            load = time.perf_counter() - start
+            extra = os.path.getsize(os.path.join(path, "optim_tp00.pt"))
+        shutil.rmtree(path)
+    (t0, s0), (t1, s1) = ([sum(x) / n for x in zip(*results[k], strict=True)] for k in (False, True))
+    print(
+        f"without optim_tp00.pt: {s0 / 1e9:.2f} GB, save {t0:.2f} s; with it: {s1 / 1e9:.2f} GB "
+        f"(+{extra / 1e9:.2f} GB, +{100 * extra / s0:.0f}%), save {t1:.2f} s; reading it back into the "
+        f"engine ({count} tensors): {load:.2f} s"
+    )
 
 
 def _bench_async(n: int, sync_times: list[float], train_step, save, saves) -> None:

@@ -22,7 +22,8 @@ from typing import Any
 
 import torch
 
-from megatron_cola.checkpoint import load_full_state_dict, resolve_checkpoint_dir
+from megatron_cola.checkpoint import CheckpointReader, load_full_state_dict, resolve_checkpoint_dir
+from megatron_cola.checkpoint.optim_state import has_optim_files
 from megatron_cola.config import ModelArgs
 from megatron_cola.convert.hf_format import DTYPES, hf_config_dict, save_safetensors, to_layout
 from megatron_cola.convert.tokenizer import TokenizerSpec, save_tokenizer, special_token_ids
@@ -135,6 +136,26 @@ def write_hf_folder(
     return save_dir
 
 
+SOURCES = ("auto", "master", "module")
+
+
+def weights_source(load_dir: str, iteration: int | None = None, source: str = "auto") -> str:
+    """Where an export takes its weights from: ``"master"`` (the fp32 master weights of ``optim_tpNN.pt``)
+    or ``"module"`` (the model files: the module's weights, bf16 in a bf16 run). ``"auto"``: the masters
+    when the checkpoint holds them."""
+    if source not in SOURCES:
+        raise ValueError(f"source {source!r} is unknown; allowed: {list(SOURCES)}")
+    if source == "module":
+        return source
+    has_masters = has_optim_files(CheckpointReader(load_dir, iteration))
+    if source == "master" and not has_masters:
+        raise ConversionError(
+            f"{resolve_checkpoint_dir(load_dir, iteration)} holds no fp32 master weights (optim_tpNN.pt: it "
+            "was saved with --no-save-reshardable-optim or by an older version); export with --from-module"
+        )
+    return "master" if has_masters else "module"
+
+
 def export_checkpoint(
     load_dir: str,
     save_dir: str,
@@ -145,14 +166,19 @@ def export_checkpoint(
     tokenizer_model: str | None = None,
     with_tokenizer: bool = True,
     overwrite: bool = False,
+    source: str = "auto",
 ) -> str:
     """Export checkpoint ``load_dir`` (its ``latest``, or ``iteration``) to the HF folder ``save_dir``.
+
+    ``source`` (``weights_source``): the fp32 master weights (``"master"``; by default when the checkpoint
+    holds them) or the module's weights (``"module"``; bf16-rounded in a bf16 run).
 
     ``tokenizer_model`` replaces the tokenizer the checkpoint records (a SentencePiece ``.model`` or an HF
     tokenizer folder); ``with_tokenizer=False`` writes no tokenizer.
     """
     _check_not_inside(load_dir, save_dir, iteration)
-    state, meta = load_full_state_dict(load_dir, iteration, drop_vocab_padding=True)
+    used = weights_source(load_dir, iteration, source)
+    state, meta = load_full_state_dict(load_dir, iteration, drop_vocab_padding=True, source=used)
     args = ModelArgs.from_dict(meta["args"])
     info = meta.get("tokenizer") or None
     spec = TokenizerSpec.from_info(info, tokenizer_model) if with_tokenizer else None

@@ -116,8 +116,13 @@ def project_shared_input(layers: Sequence[nn.Module], x: torch.Tensor) -> list[t
     ``[W_1; W_2; ...]``, and their output slices are made contiguous (a copy in eager, fused away under
     ``torch.compile``) so that the elementwise work after them sees the plain path's layout. Outputs and
     gradients equal the separate calls up to fp32 rounding (``grouped_linear``; the tests hold them to
-    1e-5 relative). Under tensor parallelism each rank groups its local slices.
+    1e-5 relative). Under tensor parallelism each rank groups its local slices; a layer that knows a
+    better grouping of its own kind (``project_shared_input`` method: the bottleneck TP scheme's, which
+    also shares one all-reduce) is handed the group.
     """
+    own = getattr(layers[0], "project_shared_input", None)
+    if own is not None:
+        return own(layers, x)
     if all(hasattr(layer, "weight_a") for layer in layers):
         keep = {layer.keep_a_output for layer in layers}
         activation = {layer.activation for layer in layers}

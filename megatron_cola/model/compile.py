@@ -21,12 +21,12 @@ from typing import Any
 
 import torch
 
+from megatron_cola.config import COMPILE_MODES
 from megatron_cola.model.transformer import CoLALlama, DecoderLayer
 
-#: ``torch.compile`` modes ``--compile-mode`` offers. ``reduce-overhead`` adds CUDA graphs (a caller
-#: marks each training step with ``torch.compiler.cudagraph_mark_step_begin``); ``default`` is Inductor
-#: without CUDA graphs or GEMM autotuning.
-COMPILE_MODES = ("default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs")
+# ``COMPILE_MODES`` (config.py) are the modes ``--compile-mode`` offers. ``reduce-overhead`` adds CUDA
+# graphs (a caller marks each training step with ``torch.compiler.cudagraph_mark_step_begin``);
+# ``default`` is Inductor without CUDA graphs or GEMM autotuning.
 
 
 def compile_blocks(model: CoLALlama, mode: str | None = None, **compile_kwargs: Any) -> CoLALlama:

@@ -7,8 +7,8 @@ gradients of ``hidden`` and ``weight`` right away (the logit gradient is ``softm
 dropped (under ``no_grad`` only the loss is formed). Peak memory for the head is one chunk of logits
 instead of ``(tokens, V)`` logits plus their fp32 copy and gradient; backward only scales the stored
 gradients by the incoming one. As in the reference path the logits are formed in the autocast dtype
-and the softmax is taken in fp32. Single-rank only: with tensor parallelism the head is vocab-parallel
-and the model keeps its ``VocabParallelCrossEntropy``.
+and the softmax is taken in fp32. Single-rank only (``LMHead(chunked=True)``): with tensor parallelism
+the head is swapped for ``VocabParallelLMHead``, whose loss is vocab-parallel.
 """
 
 from __future__ import annotations

@@ -1,4 +1,4 @@
-"""Small building blocks: RMSNorm, rotary position embedding, the cross-entropy head."""
+"""Small building blocks: RMSNorm, rotary position embedding, the LM head and its cross-entropy loss."""
 
 from __future__ import annotations
 
@@ -6,9 +6,13 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from megatron_cola.model.fused_loss import chunked_linear_cross_entropy
+
 
 class RMSNorm(nn.Module):
     """Root-mean-square layer norm with a learned scale (``torch.nn.functional.rms_norm``)."""
+
+    init_ones = True  # ``CoLALlama.init_weights`` starts the scale at 1 (so do sharded twins that say so)
 
     def __init__(self, dim: int, eps: float = 1e-6, device: torch.device | str | None = None) -> None:
         super().__init__()
@@ -41,7 +45,7 @@ def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.T
 
 
 class CrossEntropyLoss(nn.Module):
-    """Mean next-token cross-entropy in fp32, optionally masked. Swapped for a vocab-parallel one by TP."""
+    """Mean next-token cross-entropy in fp32, optionally masked (the reference loss of ``LMHead``)."""
 
     def forward(
         self, logits: torch.Tensor, labels: torch.Tensor, loss_mask: torch.Tensor | None = None
@@ -57,3 +61,32 @@ def masked_mean(losses: torch.Tensor, loss_mask: torch.Tensor | None) -> torch.T
         return losses.mean()
     mask = loss_mask.to(losses.dtype)
     return (losses * mask).sum() / mask.sum().clamp_min(1.0)
+
+
+class LMHead(nn.Linear):
+    """The output layer and the loss it feeds: ``head(hidden)`` gives logits ``(..., V)``,
+    ``head.loss(hidden, labels, loss_mask)`` the mean next-token loss (fp32).
+
+    With ``chunked`` the loss runs a chunk of tokens at a time without full-vocab logits
+    (``chunked_linear_cross_entropy``). Tensor parallelism replaces the whole head, loss included, with
+    its vocab-parallel twin (``megatron_cola.parallel.VocabParallelLMHead``), so the model never knows
+    how its logits are laid out.
+    """
+
+    def __init__(
+        self,
+        in_features: int,
+        out_features: int,
+        chunked: bool = False,
+        device: torch.device | str | None = None,
+        dtype: torch.dtype | None = None,
+    ) -> None:
+        super().__init__(in_features, out_features, bias=False, device=device, dtype=dtype)
+        self.chunked = chunked
+
+    def loss(
+        self, hidden: torch.Tensor, labels: torch.Tensor, loss_mask: torch.Tensor | None = None
+    ) -> torch.Tensor:
+        if self.chunked:
+            return chunked_linear_cross_entropy(hidden, self.weight, labels, loss_mask)
+        return CrossEntropyLoss()(self(hidden), labels, loss_mask)

@@ -7,8 +7,10 @@ that needs to relate a parameter to the full tensor reads the plan:
 
 - ``CoLALlama.init_weights`` draws each full weight from the seed and keeps its shard
   (``load_full_``), so every tensor-parallel layout starts from the same model;
-- checkpoint code asks ``shard_dim(model, name)`` / ``full_shape(model, name)`` and loads a full
-  tensor with ``load_full_(model, name, full)``;
+- checkpoint code asks ``full_shape(model, name)`` and loads a full tensor with
+  ``load_full_(model, name, full)``; model files record ``split_dims()`` and ``scheme``, which is how a
+  checkpoint of any layout and scheme loads into any other (``--finetune``) and how an optimizer state
+  is resharded: every cut is an even split of one dim of the full (vocab-padded) tensor;
 - DeepSpeed's gradient-norm code reads Megatron's per-parameter flag ``tensor_model_parallel``:
   ``ShardingPlan.mark_parameters`` writes it (and ``partition_dim``/``partition_stride``) from the plan.
   Nothing in this package reads those attributes back.
@@ -47,13 +49,28 @@ class ShardSpec:
         return full.chunk(self.parts, dim=self.dim)[self.index]
 
 
+#: ``ShardingPlan.scheme`` values: no tensor parallelism, Megatron's dense TP (full-rank models), and
+#: the two CoLA schemes of ``--cola-tp-scheme`` (docs/tensor_parallel.md).
+PLAN_SCHEMES = ("none", "dense", "split-rank", "bottleneck")
+
+
 @dataclass
 class ShardingPlan:
-    """``{parameter name: ShardSpec}`` for one rank; names absent from ``specs`` are replicated."""
+    """``{parameter name: ShardSpec}`` for one rank; names absent from ``specs`` are replicated.
+
+    ``scheme`` names the tensor-parallel scheme the cuts come from (``PLAN_SCHEMES``). Grouped
+    projections (``--grouped-projections``) concatenate their members' local shards at run time, so
+    they add no parameter and no cut of their own.
+    """
 
     tp_size: int = 1
     tp_rank: int = 0
     specs: dict[str, ShardSpec] = field(default_factory=dict)
+    scheme: str = "none"
+
+    def __post_init__(self) -> None:
+        if self.scheme not in PLAN_SCHEMES:
+            raise ValueError(f"sharding scheme {self.scheme!r}: expected one of {PLAN_SCHEMES}")
 
     @property
     def is_sharded(self) -> bool:
@@ -98,11 +115,6 @@ def sharding_plan(model: nn.Module) -> ShardingPlan:
     return plan if isinstance(plan, ShardingPlan) else ShardingPlan()
 
 
-def shard_dim(model: nn.Module, name: str) -> int | None:
-    """The dim along which parameter ``name`` of ``model`` is split over TP ranks, or None if replicated."""
-    return sharding_plan(model).dim(name)
-
-
 def full_shape(model: nn.Module, name: str) -> tuple[int, ...]:
     """Shape of the full (unsharded) tensor of parameter ``name``."""
     return sharding_plan(model).full_shape(name, model.get_parameter(name))
@@ -116,4 +128,4 @@ def load_full_(model: nn.Module, name: str, full: torch.Tensor) -> None:
     param.copy_(sharding_plan(model).shard(name, full).to(device=param.device, dtype=param.dtype))
 
 
-__all__ = ["ShardSpec", "ShardingPlan", "full_shape", "load_full_", "shard_dim", "sharding_plan"]
+__all__ = ["PLAN_SCHEMES", "ShardSpec", "ShardingPlan", "full_shape", "load_full_", "sharding_plan"]

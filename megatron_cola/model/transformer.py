@@ -23,8 +23,7 @@ from torch import nn
 
 from megatron_cola.config import ModelArgs
 from megatron_cola.model.cola_linear import CoLALinear, get_activation, project_shared_input
-from megatron_cola.model.fused_loss import chunked_linear_cross_entropy
-from megatron_cola.model.layers import CrossEntropyLoss, RMSNorm, apply_rope, rope_cos_sin
+from megatron_cola.model.layers import LMHead, RMSNorm, apply_rope, rope_cos_sin
 from megatron_cola.model.recompute import run_with_recompute
 from megatron_cola.model.sharding import ShardingPlan, load_full_
 
@@ -123,9 +122,11 @@ class CoLALlama(nn.Module):
     """A LLaMA decoder whose linear maps are CoLA bottlenecks (or dense, when ``args.full_rank``).
 
     ``model(tokens)`` returns logits ``(B, T, vocab)``; ``model(tokens, labels)`` returns the mean
-    next-token loss (fp32). The modules are always built on the meta device and the weights drawn once,
-    by ``init_weights(seed)``, on the device the constructor is called for (the current default device;
-    none under ``with torch.device("meta")``, for inspection: then ``to_empty`` and ``init_weights``).
+    next-token loss (fp32), which the head computes (``LMHead.loss``; tensor parallelism swaps the head
+    and its loss for a vocab-parallel twin). The modules are always built on the meta device and the
+    weights drawn once, by ``init_weights(seed)``, on the device the constructor is called for (the
+    current default device; none under ``with torch.device("meta")``, for inspection: then
+    ``to_empty`` and ``init_weights``).
 
     ``sharding`` is the model's ``ShardingPlan``: empty for a plain model, filled by
     ``apply_tensor_parallel`` with how each parameter is cut from its full tensor.
@@ -141,10 +142,7 @@ class CoLALlama(nn.Module):
             self.embed_tokens = nn.Embedding(args.vocab_size, args.hidden_size)
             self.layers = nn.ModuleList(DecoderLayer(args) for _ in range(args.num_layers))
             self.norm = RMSNorm(args.hidden_size, args.norm_eps)
-            self.lm_head = nn.Linear(args.hidden_size, args.vocab_size, bias=False)
-        self.loss_fn: nn.Module = CrossEntropyLoss()
-        # Tensor parallelism swaps these: a gather of vocab-sharded logits, a vocab-parallel loss.
-        self.gather_logits: nn.Module = nn.Identity()
+            self.lm_head = LMHead(args.hidden_size, args.vocab_size, chunked=args.chunked_loss)
         self._rope_cache: dict[tuple[int, torch.device], tuple[torch.Tensor, torch.Tensor]] = {}
         # load_state_dict(assign=True) replaces Parameter objects: re-mark DeepSpeed's TP flags on them.
         self.register_load_state_dict_post_hook(_remark_after_load)
@@ -182,7 +180,8 @@ class CoLALlama(nn.Module):
                 name = f"{module_name}.{pname}" if module_name else pname
                 shape = self.sharding.full_shape(name, param)
                 std = getattr(module, "init_std", self.args.init_std)
-                kind = "ones" if isinstance(module, RMSNorm) else "zeros" if pname == "bias" else "normal"
+                ones = getattr(module, "init_ones", False)  # RMSNorm scales (and their sharded twins)
+                kind = "ones" if ones else "zeros" if pname == "bias" else "normal"
                 draws.append((math.prod(shape), functools.partial(_draw_full, kind, shape, std, seed, name)))
         fulls = _drawn_in_order(draws)
         for module_name, module in modules:
@@ -206,7 +205,8 @@ class CoLALlama(nn.Module):
         return self._rope_cache[key]
 
     def hidden_states(self, tokens: torch.Tensor) -> torch.Tensor:
-        """Final normed hidden states ``(B, T, d)``."""
+        """Final normed hidden states ``(B, T, d)`` (under the bottleneck TP scheme, this rank's
+        ``(B, T, d/t)`` slice)."""
         x = self.embed_tokens(tokens)  # (B, T, d)
         cos, sin = self._rope(tokens.shape[1], x.device)
         for layer in self.layers:
@@ -220,12 +220,9 @@ class CoLALlama(nn.Module):
         loss_mask: torch.Tensor | None = None,
     ) -> torch.Tensor:
         hidden = self.hidden_states(tokens)  # (B, T, d)
-        if labels is not None and self.args.chunked_loss and not self.sharding.is_sharded:
-            return chunked_linear_cross_entropy(hidden, self.lm_head.weight, labels, loss_mask)
-        logits = self.lm_head(hidden)  # (B, T, V)
         if labels is None:
-            return self.gather_logits(logits)
-        return self.loss_fn(logits, labels, loss_mask)
+            return self.lm_head(hidden)  # (B, T, V)
+        return self.lm_head.loss(hidden, labels, loss_mask)
 
 
 def _remark_after_load(module: CoLALlama, incompatible_keys: object) -> None:

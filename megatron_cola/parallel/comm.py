@@ -42,12 +42,13 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from megatron_cola.config import ModelArgs
+from megatron_cola.config import TP_SCHEMES, ModelArgs
 from megatron_cola.model.recompute import check_recompute_mode
 from megatron_cola.parallel.counter import ring_factor
 
-COLA_TP_SCHEMES = ("split-rank", "bottleneck")
-"""Tensor-parallel schemes of a CoLA model (``--cola-tp-scheme``); full-rank models use ``dense``."""
+COLA_TP_SCHEMES = TP_SCHEMES
+"""Tensor-parallel schemes of a CoLA model (``--cola-tp-scheme``, ``config.TP_SCHEMES``); full-rank
+models use ``dense``."""
 SCHEMES = (*COLA_TP_SCHEMES, "dense", "naive")
 """Every scheme the analytic model knows."""
 _ALIASES = {"cola": "split-rank"}

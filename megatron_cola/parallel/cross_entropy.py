@@ -1,4 +1,4 @@
-"""Vocab-parallel cross-entropy and the logits gather: no rank ever holds full-vocab logits for the loss.
+"""Vocab-parallel cross-entropy: no rank ever holds full-vocab logits for the loss (``VocabParallelLMHead``).
 
 Each rank holds logits ``(..., V/t)`` for the vocab ids ``[i V/t, (i+1) V/t)``. The loss per token is
 ``log Σ_v exp(z_v - m) - (z_label - m)`` with ``m`` the max logit; it takes two all-reduces of a few
@@ -13,11 +13,9 @@ from typing import Any
 
 import torch
 import torch.distributed as dist
-from torch import nn
 from torch.distributed import ProcessGroup
 
-from megatron_cola.model.layers import masked_mean
-from megatron_cola.parallel.mappings import all_reduce, gather_from_tp_last_dim, group_rank
+from megatron_cola.parallel.mappings import all_reduce, group_rank
 
 IGNORE_INDEX = -100
 
@@ -60,28 +58,4 @@ def vocab_parallel_cross_entropy(
     return _VocabParallelCrossEntropy.apply(logits, labels, group)
 
 
-class VocabParallelCrossEntropy(nn.Module):
-    """Drop-in for ``megatron_cola.model.layers.CrossEntropyLoss`` on vocab-sharded logits."""
-
-    def __init__(self, group: ProcessGroup | None) -> None:
-        super().__init__()
-        self.group = group
-
-    def forward(
-        self, logits: torch.Tensor, labels: torch.Tensor, loss_mask: torch.Tensor | None = None
-    ) -> torch.Tensor:
-        return masked_mean(vocab_parallel_cross_entropy(logits, labels, self.group), loss_mask)
-
-
-class GatherLogits(nn.Module):
-    """``model.gather_logits`` under TP: vocab-sharded ``(..., V/t)`` → full ``(..., V)`` logits."""
-
-    def __init__(self, group: ProcessGroup | None) -> None:
-        super().__init__()
-        self.group = group
-
-    def forward(self, logits: torch.Tensor) -> torch.Tensor:
-        return gather_from_tp_last_dim(logits, self.group)
-
-
-__all__ = ["GatherLogits", "VocabParallelCrossEntropy", "vocab_parallel_cross_entropy"]
+__all__ = ["vocab_parallel_cross_entropy"]

@@ -19,8 +19,10 @@ the reduce-scatter is not re-run in recomputation (the all-gathers of q/k/v/gate
 ``ColumnParallelCoLA.from_activated`` is the part after σ, so q/k/v (gate/up) can group their local A
 slices into one GEMM (``megatron_cola.model.cola_linear.project_shared_input``).
 
-``ColumnParallelLinear`` / ``RowParallelLinear``: Megatron's dense scheme for the full-rank model and
-the LM head. ``VocabParallelEmbedding``: rows split, masked lookup, all-reduce.
+``ColumnParallelLinear`` / ``RowParallelLinear``: Megatron's dense scheme for the full-rank model.
+``VocabParallelEmbedding``: rows split, masked lookup, all-reduce. ``VocabParallelLMHead``: the head
+and its vocab-parallel cross-entropy (every scheme). The bottleneck scheme's twins are in
+``parallel/bottleneck.py``.
 
 Parameters keep the plain model's names (``weight_a``, ``weight_b``, ``weight``). Each twin declares
 how its parameters are cut (``shard_specs``: local name -> ``ShardSpec``); ``apply_tensor_parallel``
@@ -40,6 +42,7 @@ from torch import nn
 from torch.distributed import ProcessGroup
 
 from megatron_cola.model.cola_linear import CoLALinear, cola_init_std, get_activation
+from megatron_cola.model.layers import masked_mean
 from megatron_cola.model.recompute import (
     A_GEMM_RANGE,
     autocast_inputs,
@@ -48,10 +51,12 @@ from megatron_cola.model.recompute import (
     register_kept_op,
 )
 from megatron_cola.model.sharding import ShardSpec
+from megatron_cola.parallel.cross_entropy import vocab_parallel_cross_entropy
 from megatron_cola.parallel.mappings import (
     all_gather_last_dim,
     all_gather_last_dim_raw,
     copy_to_tp,
+    gather_from_tp_last_dim,
     reduce_from_tp,
     reduce_scatter_last_dim_raw,
     reduce_scatter_to_tp_last_dim,
@@ -59,13 +64,16 @@ from megatron_cola.parallel.mappings import (
 from megatron_cola.parallel.state import ParallelState
 
 
-def _divide(n: int, t: int, what: str) -> int:
+def divide_evenly(n: int, t: int, what: str) -> int:
+    """``n / t``, or ``ValueError`` naming ``what`` when ``t`` does not divide it."""
     if n % t:
         raise ValueError(f"{what} {n} is not divisible by tensor-model-parallel size {t}")
     return n // t
 
 
-def _group_by_name(name: str) -> ProcessGroup:
+def group_by_name(name: str) -> ProcessGroup:
+    """The process group called ``name`` (custom ops take groups by name: ``torch.compile`` cannot
+    trace a group object)."""
     return torch.distributed.distributed_c10d._resolve_process_group(name)
 
 
@@ -77,7 +85,7 @@ def _kept_linear_reduce_scatter(
     partial sums, one op kept by CoLA-M (``register_kept_op``)."""
     with torch.profiler.record_function(A_GEMM_RANGE):
         partial = F.linear(x, weight)  # (..., r): partial sum over the input shards
-    return reduce_scatter_last_dim_raw(partial, _group_by_name(group_name), "forward")  # (..., r/t)
+    return reduce_scatter_last_dim_raw(partial, group_by_name(group_name), "forward")  # (..., r/t)
 
 
 @_kept_linear_reduce_scatter.register_fake
@@ -89,7 +97,7 @@ def _(x: torch.Tensor, weight: torch.Tensor, group_name: str, tp_size: int) -> t
 def _all_gather_last_dim_op(x: torch.Tensor, group_name: str, tp_size: int) -> torch.Tensor:
     """The kept op's backward all-gather, opaque to ``torch.compile`` (a traced one would put the process
     group object into the compiled backward graph, which cannot be copied)."""
-    return all_gather_last_dim_raw(x, _group_by_name(group_name), "backward")
+    return all_gather_last_dim_raw(x, group_by_name(group_name), "backward")
 
 
 @_all_gather_last_dim_op.register_fake
@@ -135,7 +143,7 @@ class ShardedModule(nn.Module):
         device: torch.device | str | None,
         dtype: torch.dtype | None,
     ) -> nn.Parameter:
-        _divide(full_shape[dim], state.tp_size, f"dim {dim} of {full_shape}")
+        divide_evenly(full_shape[dim], state.tp_size, f"dim {dim} of {full_shape}")
         spec = ShardSpec(tuple(full_shape), dim, state.tp_size, state.tp_rank)
         self.shard_specs[name] = spec
         param = nn.Parameter(torch.empty(spec.local_shape, device=device, dtype=dtype))
@@ -201,8 +209,8 @@ class ColumnParallelCoLA(_ShardedCoLA):
         self.in_features, self.out_features, self.rank = in_features, out_features, rank
         self.keep_a_output = keep_a_output
         self.tp_size = state.tp_size
-        self.rank_local = _divide(rank, state.tp_size, "cola_rank")
-        self.out_features_local = _divide(out_features, state.tp_size, "out_features")
+        self.rank_local = divide_evenly(rank, state.tp_size, "cola_rank")
+        self.out_features_local = divide_evenly(out_features, state.tp_size, "out_features")
         self.activation = activation
         self.act_fn = get_activation(activation)
         self.group = state.tp_group
@@ -248,8 +256,8 @@ class RowParallelCoLA(_ShardedCoLA):
         self.in_features, self.out_features, self.rank = in_features, out_features, rank
         self.keep_a_output = keep_a_output
         self.tp_size = state.tp_size
-        self.rank_local = _divide(rank, state.tp_size, "cola_rank")
-        self.in_features_local = _divide(in_features, state.tp_size, "in_features")
+        self.rank_local = divide_evenly(rank, state.tp_size, "cola_rank")
+        self.in_features_local = divide_evenly(in_features, state.tp_size, "in_features")
         self.activation = activation
         self.act_fn = get_activation(activation)
         self.group = state.tp_group
@@ -285,8 +293,8 @@ class RowParallelCoLA(_ShardedCoLA):
 class ColumnParallelLinear(ShardedModule):
     """Dense ``x W^T`` with W split over the output (rows): output is this rank's shard, no gather.
 
-    With ``copy_input`` the layer enters the TP region itself (the LM head); q/k/v and gate/up leave
-    that to their shared entry point so the input gradient is all-reduced once.
+    q/k/v and gate/up leave entering the TP region to their shared entry point (``CopyToTPHook``), so
+    the input gradient is all-reduced once.
     """
 
     def __init__(
@@ -294,38 +302,94 @@ class ColumnParallelLinear(ShardedModule):
         in_features: int,
         out_features: int,
         state: ParallelState,
-        copy_input: bool = False,
         device: torch.device | str | None = None,
         dtype: torch.dtype | None = None,
     ) -> None:
         super().__init__()
         self.in_features, self.out_features = in_features, out_features
         self.tp_size = state.tp_size
-        self.out_features_local = _divide(out_features, state.tp_size, "out_features")
-        self.copy_input = copy_input
+        self.out_features_local = divide_evenly(out_features, state.tp_size, "out_features")
         self.group = state.tp_group
         self._add_sharded("weight", (out_features, in_features), 0, state, device, dtype)  # (out/t, in)
 
     @classmethod
-    def from_dense(
-        cls, layer: nn.Linear, state: ParallelState, copy_input: bool = False
-    ) -> ColumnParallelLinear:
+    def from_dense(cls, layer: nn.Linear, state: ParallelState) -> ColumnParallelLinear:
         if layer.bias is not None:
             raise ValueError("tensor-parallel linear layers support bias=False only")
         w = layer.weight
-        twin = cls(layer.in_features, layer.out_features, state, copy_input, w.device, w.dtype)
+        twin = cls(layer.in_features, layer.out_features, state, w.device, w.dtype)
         twin.copy_shards_from(layer)
         return twin
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if self.copy_input:
-            x = copy_to_tp(x, self.group)
         return F.linear(x, self.weight)  # (..., out/t)
 
     def extra_repr(self) -> str:
         return (
             f"in_features={self.in_features}, out_features={self.out_features} "
-            f"(local {self.out_features_local}), tp_size={self.tp_size}, copy_input={self.copy_input}"
+            f"(local {self.out_features_local}), tp_size={self.tp_size}"
+        )
+
+
+class VocabParallelLMHead(ShardedModule):
+    """The LM head and its loss with the vocab (rows of ``W``) split: the twin of ``model.layers.LMHead``.
+
+    The hidden state enters replicated (``copy_to_tp``: its gradient is all-reduced) or, with
+    ``gather_input`` (the bottleneck scheme, whose hidden state is sharded on d), as this rank's
+    ``d/t`` slice, all-gathered (its gradient reduce-scattered). ``head(hidden)`` returns full logits
+    ``(..., V)`` (all-gathered over the vocab); ``head.loss(hidden, labels, loss_mask)`` the mean fp32
+    loss by vocab-parallel cross-entropy, without full-vocab logits on any rank.
+    """
+
+    def __init__(
+        self,
+        in_features: int,
+        out_features: int,
+        state: ParallelState,
+        gather_input: bool = False,
+        device: torch.device | str | None = None,
+        dtype: torch.dtype | None = None,
+    ) -> None:
+        super().__init__()
+        self.in_features, self.out_features = in_features, out_features
+        self.tp_size = state.tp_size
+        self.out_features_local = divide_evenly(out_features, state.tp_size, "vocab_size")
+        self.gather_input = gather_input
+        self.group = state.tp_group
+        self._add_sharded("weight", (out_features, in_features), 0, state, device, dtype)  # (V/t, d)
+
+    @classmethod
+    def from_dense(
+        cls, layer: nn.Linear, state: ParallelState, gather_input: bool = False
+    ) -> VocabParallelLMHead:
+        if layer.bias is not None:
+            raise ValueError("the tensor-parallel LM head supports bias=False only")
+        w = layer.weight
+        twin = cls(layer.in_features, layer.out_features, state, gather_input, w.device, w.dtype)
+        twin.copy_shards_from(layer)
+        return twin
+
+    def local_logits(self, hidden: torch.Tensor) -> torch.Tensor:
+        """This rank's vocab shard of the logits, ``(..., V/t)``."""
+        if self.gather_input:
+            hidden = all_gather_last_dim(hidden, self.group)  # (..., d/t) -> (..., d)
+        else:
+            hidden = copy_to_tp(hidden, self.group)
+        return F.linear(hidden, self.weight)
+
+    def forward(self, hidden: torch.Tensor) -> torch.Tensor:
+        return gather_from_tp_last_dim(self.local_logits(hidden), self.group)  # (..., V)
+
+    def loss(
+        self, hidden: torch.Tensor, labels: torch.Tensor, loss_mask: torch.Tensor | None = None
+    ) -> torch.Tensor:
+        losses = vocab_parallel_cross_entropy(self.local_logits(hidden), labels, self.group)
+        return masked_mean(losses, loss_mask)
+
+    def extra_repr(self) -> str:
+        return (
+            f"in_features={self.in_features}, out_features={self.out_features} "
+            f"(local {self.out_features_local}), tp_size={self.tp_size}, gather_input={self.gather_input}"
         )
 
 
@@ -343,7 +407,7 @@ class RowParallelLinear(ShardedModule):
         super().__init__()
         self.in_features, self.out_features = in_features, out_features
         self.tp_size = state.tp_size
-        self.in_features_local = _divide(in_features, state.tp_size, "in_features")
+        self.in_features_local = divide_evenly(in_features, state.tp_size, "in_features")
         self.group = state.tp_group
         self._add_sharded("weight", (out_features, in_features), 1, state, device, dtype)  # (out, in/t)
 
@@ -383,7 +447,7 @@ class VocabParallelEmbedding(ShardedModule):
         super().__init__()
         self.num_embeddings, self.embedding_dim = num_embeddings, embedding_dim
         self.tp_size = state.tp_size
-        self.num_embeddings_local = _divide(num_embeddings, state.tp_size, "vocab_size")
+        self.num_embeddings_local = divide_evenly(num_embeddings, state.tp_size, "vocab_size")
         self.vocab_start = state.tp_rank * self.num_embeddings_local
         self.group = state.tp_group
         self._add_sharded("weight", (num_embeddings, embedding_dim), 0, state, device, dtype)  # (V/t, d)
@@ -435,4 +499,7 @@ __all__ = [
     "RowParallelLinear",
     "ShardedModule",
     "VocabParallelEmbedding",
+    "VocabParallelLMHead",
+    "divide_evenly",
+    "group_by_name",
 ]

@@ -7,7 +7,7 @@ mapping                            forward                         backward
 =================================  ==============================  ==============================
 ``copy_to_tp``                     identity                        all-reduce
 ``reduce_from_tp``                 all-reduce                      identity
-``scatter_to_tp_last_dim``         keep this rank's last-dim slice all-gather (last dim)
+``reduce_to_sharded_tp``           all-reduce                      all-reduce
 ``gather_from_tp_last_dim``        all-gather (last dim)           keep this rank's slice
 ``all_gather_last_dim``            all-gather (last dim)           reduce-scatter (last dim)
 ``reduce_scatter_to_tp_last_dim``  reduce-scatter (last dim)       all-gather (last dim)
@@ -17,6 +17,10 @@ mapping                            forward                         backward
 logits): every rank then holds the same full gradient and keeps its slice. ``all_gather_last_dim`` is
 for a gathered tensor whose consumers are *sharded* (CoLA's rank-r activation feeding a column-parallel
 B): each rank holds only its consumers' part of the gradient, so the parts are summed and scattered.
+``reduce_to_sharded_tp`` likewise sums partial tensors whose consumers are sharded (the bottleneck
+scheme's final RMSNorm: a per-token sum of squares scaling each rank's slice of the hidden state), so
+the gradient parts are summed again in backward. The bottleneck scheme's A projections all-reduce
+inside one op (``megatron_cola::kept_linear_all_reduce``, ``parallel/bottleneck.py``).
 
 A group of size 1 (or ``None``) makes every mapping the identity. Every collective reports to the
 active ``CommCounter``s (``megatron_cola.parallel.counter``).
@@ -123,15 +127,15 @@ class _ReduceFromTP(torch.autograd.Function):
         return grad, None
 
 
-class _ScatterToTPLastDim(torch.autograd.Function):
+class _ReduceToShardedTP(torch.autograd.Function):
     @staticmethod
     def forward(ctx: Any, x: torch.Tensor, group: ProcessGroup) -> torch.Tensor:
         ctx.group = group
-        return split_last_dim(x, group)
+        return all_reduce(x, group, "forward")
 
     @staticmethod
     def backward(ctx: Any, grad: torch.Tensor) -> tuple[torch.Tensor, None]:
-        return all_gather_last_dim_raw(grad, ctx.group, "backward"), None
+        return all_reduce(grad, ctx.group, "backward"), None
 
 
 class _GatherFromTPLastDim(torch.autograd.Function):
@@ -177,9 +181,9 @@ def reduce_from_tp(x: torch.Tensor, group: ProcessGroup | None) -> torch.Tensor:
     return x if group_size(group) == 1 else _ReduceFromTP.apply(x, group)
 
 
-def scatter_to_tp_last_dim(x: torch.Tensor, group: ProcessGroup | None) -> torch.Tensor:
-    """Keep this rank's last-dim slice; backward all-gathers the gradient."""
-    return x if group_size(group) == 1 else _ScatterToTPLastDim.apply(x, group)
+def reduce_to_sharded_tp(x: torch.Tensor, group: ProcessGroup | None) -> torch.Tensor:
+    """Sum partial tensors over the group for sharded consumers: all-reduce forward and backward."""
+    return x if group_size(group) == 1 else _ReduceToShardedTP.apply(x, group)
 
 
 def gather_from_tp_last_dim(x: torch.Tensor, group: ProcessGroup | None) -> torch.Tensor:
@@ -206,6 +210,6 @@ __all__ = [
     "group_size",
     "reduce_from_tp",
     "reduce_scatter_to_tp_last_dim",
-    "scatter_to_tp_last_dim",
+    "reduce_to_sharded_tp",
     "split_last_dim",
 ]

@@ -32,10 +32,14 @@ def _divisors(n: int) -> list[int]:
 
 
 def check_tensor_parallel_size(
-    tp_size: int, world_size: int | None = None, model_args: ModelArgs | None = None
+    tp_size: int,
+    world_size: int | None = None,
+    model_args: ModelArgs | None = None,
+    scheme: str = "split-rank",
 ) -> None:
     """Raise ``ConfigError`` unless ``tp_size`` is a positive integer that divides ``world_size`` (when
-    given) and every size of ``model_args`` that tensor parallelism splits (when given)."""
+    given) and every size of ``model_args`` that tensor parallelism splits (when given) under ``scheme``
+    (``--cola-tp-scheme``: the bottleneck scheme never splits the CoLA rank)."""
     if not isinstance(tp_size, int) or isinstance(tp_size, bool) or tp_size < 1:
         raise ConfigError(f"--tensor-model-parallel-size must be a positive integer, got {tp_size!r}")
     t = tp_size
@@ -53,7 +57,7 @@ def check_tensor_parallel_size(
             f"size {t}; use --tensor-model-parallel-size in {_divisors(args.num_attention_heads)} "
             f"(or change --num-attention-heads)"
         )
-    if not args.full_rank and args.cola_rank % t:
+    if not args.full_rank and scheme == "split-rank" and args.cola_rank % t:
         raise ConfigError(
             f"cola_rank {args.cola_rank} is not divisible by tensor-model-parallel size {t}; pass "
             f"--cola-rank {_next_multiple(args.cola_rank, t)} (or another multiple of {t})"

@@ -33,7 +33,16 @@ from megatron_cola.checkpoint.io import HostBuffers, failure_message, first_non_
 from megatron_cola.checkpoint.layout import read_latest
 from megatron_cola.checkpoint.lock import SaveDirLock
 from megatron_cola.checkpoint.manifest import verify_checkpoint
-from megatron_cola.checkpoint.model_files import model_file_payload
+from megatron_cola.checkpoint.model_files import load_model_files, merge_tp_shards, model_file_payload
+from megatron_cola.checkpoint.optim_state import (
+    gather_optimizer_state,
+    has_optim_files,
+    load_module_state,
+    load_optim_files,
+    optim_file_name,
+    optim_file_payload,
+    restore_optimizer_state,
+)
 from megatron_cola.checkpoint.recovery import (
     Selection,
     complete_checkpoints,
@@ -43,6 +52,7 @@ from megatron_cola.checkpoint.recovery import (
 )
 from megatron_cola.config import EXECUTION_FIELDS, ModelArgs
 from megatron_cola.errors import CheckpointError
+from megatron_cola.model.sharding import sharding_plan
 from megatron_cola.parallel import ParallelState
 from megatron_cola.training.logging_utils import print_rank_0
 from megatron_cola.training.schedule import SCHEDULE_FLAGS, Schedule, show_value
@@ -68,6 +78,7 @@ _RECORDED_FLAGS = sorted(
     | {
         "train_iters",
         "zero_stage",
+        "cola_tp_scheme",  # absent from older checkpoints: they were all "split-rank"
         "bf16",
         "micro_batch_size",
         "data_path",
@@ -278,6 +289,7 @@ def save_checkpoint(
     split_dims: dict[str, int],
     data_history: list[dict[str, Any]] | None = None,
     saves: AsyncSaves | None = None,
+    tp_scheme: str = "none",
 ) -> str:
     """Save everything needed to resume exactly, write the manifest, then mark the checkpoint complete in
     ``latest``. Weights that are not finite are never written (``CheckpointError``, ``latest`` unchanged).
@@ -298,6 +310,9 @@ def save_checkpoint(
         "model_args": model_args.to_dict(),
         "world_size": cfg.world_size,
         "zero_stage": cfg.zero_stage,
+        # The TP cut of every split parameter and the scheme that made it (a layout change on resume).
+        "split_dims": dict(split_dims),
+        "cola_tp_scheme": tp_scheme(cfg),
         # --data-path/--split of every stretch of the run (resumes with --allow-data-change add one).
         "data_history": data_history if data_history is not None else initial_data_history(cfg),
     }
@@ -316,6 +331,7 @@ def save_checkpoint(
     meta = dict(
         args=model_args.to_dict(),
         split_dims=split_dims,
+        tp_scheme=tp_scheme,
         tp_rank=parallel.tp_rank,
         tp_size=parallel.tp_size,
         vocab_size=vocab_size,
@@ -326,6 +342,21 @@ def save_checkpoint(
     save_engine_state(engine, writer, client_state)
     if parallel.dp_rank == 0:
         writer.save_torch(model_file_name(parallel.tp_rank), model_file_payload(state, **meta))
+    if not cfg.no_save_reshardable_optim:
+        # Collective over the data-parallel group: every rank takes part, DP rank 0 writes.
+        optim, step = gather_optimizer_state(engine, keep=parallel.dp_rank == 0)
+        if parallel.dp_rank == 0:
+            payload = optim_file_payload(
+                optim,
+                step,
+                split_dims,
+                tp_rank=parallel.tp_rank,
+                tp_size=parallel.tp_size,
+                zero_stage=cfg.zero_stage,
+                dp_size=parallel.dp_size,
+                iteration=iteration,
+            )
+            writer.save_torch(optim_file_name(parallel.tp_rank), payload)
     save_rng_state(writer, rank)
     if saves is not None:
         saves.start(writer, check_finite=state)
@@ -346,8 +377,86 @@ def save_checkpoint(
     return writer.dir
 
 
-def check_compatible(client_state: dict[str, Any], cfg: TrainConfig, model_args: ModelArgs) -> None:
-    """Refuse a resume whose flags would not continue the same run."""
+def tp_scheme(cfg: TrainConfig) -> str:
+    """The run's ``--cola-tp-scheme`` (``split-rank`` where the flag does not exist)."""
+    return str(getattr(cfg, "cola_tp_scheme", "split-rank"))
+
+
+def saved_layout(client_state: dict[str, Any], saved_tp: int) -> dict[str, Any]:
+    """The layout a checkpoint was written on: ``tp``, ``dp``, ``zero``, ``scheme`` and ``split_dims``
+    (``None`` where a checkpoint predates the field). A checkpoint without a scheme is split-rank."""
+    world = client_state.get("world_size")
+    zero = client_state.get("zero_stage", client_state.get("args", {}).get("zero_stage"))
+    return {
+        "tp": saved_tp,
+        "dp": world // saved_tp if world else None,
+        "zero": zero,
+        "scheme": client_state.get("cola_tp_scheme", "split-rank"),
+        "split_dims": client_state.get("split_dims"),
+    }
+
+
+def current_layout(engine: Any, cfg: TrainConfig) -> dict[str, Any]:
+    """This run's layout, as ``saved_layout`` describes a checkpoint's."""
+    tp = cfg.tensor_model_parallel_size
+    return {
+        "tp": tp,
+        "dp": cfg.world_size // tp,
+        "zero": cfg.zero_stage,
+        "scheme": tp_scheme(cfg),
+        "split_dims": sharding_plan(engine.module).split_dims(),
+    }
+
+
+def layout_changed(saved: dict[str, Any], now: dict[str, Any]) -> bool:
+    """Whether the optimizer state of ``saved`` is laid out differently from ``now``'s: another TP size,
+    TP cut (scheme, split dims), ZeRO stage or data-parallel size. Fields a checkpoint lacks count as
+    unchanged."""
+    for key in ("tp", "dp", "zero", "scheme", "split_dims"):
+        if saved[key] is not None and saved[key] != now[key]:
+            return True
+    return False
+
+
+def describe_layout(layout: dict[str, Any], with_scheme: bool = False) -> str:
+    """``TP2 x DP4 ZeRO-1`` (``TP2 (bottleneck) x DP4 ZeRO-1`` with the scheme)."""
+    scheme = f" ({layout['scheme']})" if with_scheme else ""
+    dp = layout["dp"] if layout["dp"] is not None else "?"
+    return f"TP{layout['tp']}{scheme} x DP{dp} ZeRO-{layout['zero']}"
+
+
+def check_reshardable(reader: CheckpointReader, saved: dict[str, Any], now: dict[str, Any]) -> bool:
+    """Whether this resume takes the resharded path: the layout changed and the checkpoint holds the
+    layout-free optimizer state (``optim_tpNN.pt``). Without it, a changed TP size or TP cut is refused
+    (and a changed ZeRO stage or data-parallel size by ``check_compatible``, unless --no-load-optim)."""
+    if not layout_changed(saved, now) or has_optim_files(reader):
+        return layout_changed(saved, now)
+    why = (
+        f"{reader.dir} holds no layout-free optimizer state (optim_tpNN.pt: it was saved with "
+        "--no-save-reshardable-optim or by an older version), which a resume on another layout needs"
+    )
+    if saved["tp"] != now["tp"]:
+        raise CheckpointError(
+            f"{reader.dir} was saved with tensor-model-parallel size {saved['tp']}, this run uses "
+            f"{now['tp']}; resume with --tensor-model-parallel-size {saved['tp']} "
+            f"(or --finetune to load only the weights into the new layout). {why}"
+        )
+    if saved["scheme"] != now["scheme"] or (
+        saved["split_dims"] is not None and saved["split_dims"] != now["split_dims"]
+    ):
+        raise CheckpointError(
+            f"{reader.dir} was saved with --cola-tp-scheme {saved['scheme']}, this run uses {now['scheme']}; "
+            f"resume with --cola-tp-scheme {saved['scheme']} (or --finetune to load only the weights). {why}"
+        )
+    return False
+
+
+def check_compatible(
+    client_state: dict[str, Any], cfg: TrainConfig, model_args: ModelArgs, reshard: bool = False
+) -> None:
+    """Refuse a resume whose flags would not continue the same run. ``reshard``: the optimizer state is
+    rebuilt for this run's layout (``check_reshardable``), so TP size, ZeRO stage and data-parallel size
+    may differ."""
     # A field the checkpoint predates has its default meaning (e.g. mlp_gate_act = silu).
     saved_model = {**ModelArgs.field_defaults(), **client_state.get("model_args", {})}
     ours = model_args.to_dict()
@@ -359,21 +468,32 @@ def check_compatible(client_state: dict[str, Any], cfg: TrainConfig, model_args:
         for k, v in ours.items()
         if saved_model.get(k) != v
     ]
+    saved = client_state.get("args", {})
     if diffs:
+        hint = ""
+        tp_now = getattr(cfg, "tensor_model_parallel_size", None)
+        tp_saved = saved.get("tensor_model_parallel_size", tp_now)
+        if saved_model.get("vocab_size") != ours.get("vocab_size") and tp_saved != tp_now:
+            hint = (
+                f" (the padded vocabulary is a multiple of --make-vocab-size-divisible-by times the TP size: "
+                f"choose --make-vocab-size-divisible-by so that it is {saved_model.get('vocab_size')} again)"
+            )
         raise CheckpointError(
             "the checkpoint's model differs from this run's: "
             + "; ".join(diffs)
+            + hint
             + ". Use the same model flags, or --finetune to load only matching weights"
         )
-    saved = client_state.get("args", {})
+    layout_keys = {"tensor_model_parallel_size"} if reshard else set()
     problems = [
         f"{flag} was {saved[key]!r}, now {getattr(cfg, key)!r} (pass {flag} {saved[key]}"
         + (f"; {_MUST_MATCH_HINTS[key]})" if key in _MUST_MATCH_HINTS else ")")
         for key, flag in _MUST_MATCH.items()
-        if key in saved and saved[key] != getattr(cfg, key)
+        if key in saved and key not in layout_keys and saved[key] != getattr(cfg, key)
     ]
     if (
-        saved.get("zero_stage") is not None
+        not reshard
+        and saved.get("zero_stage") is not None
         and saved["zero_stage"] != cfg.zero_stage
         and not cfg.no_load_optim
     ):
@@ -382,7 +502,12 @@ def check_compatible(client_state: dict[str, Any], cfg: TrainConfig, model_args:
             "per stage: add --no-load-optim to start the optimizer afresh)"
         )
     saved_world = client_state.get("world_size")
-    if saved_world not in (None, cfg.world_size) and not cfg.no_load_optim and cfg.zero_stage > 0:
+    if (
+        not reshard
+        and saved_world not in (None, cfg.world_size)
+        and not cfg.no_load_optim
+        and cfg.zero_stage > 0
+    ):
         problems.append(
             f"the checkpoint was written by {saved_world} processes and this run has {cfg.world_size}; "
             "ZeRO optimizer shards need the same data-parallel size (or add --no-load-optim)"
@@ -436,27 +561,59 @@ def _extension(schedule: Schedule, cfg: TrainConfig) -> str:
     )
 
 
+def _resume_resharded(
+    engine: Any,
+    reader: CheckpointReader,
+    client_state: dict[str, Any],
+    cfg: TrainConfig,
+    saved: dict[str, Any],
+    now: dict[str, Any],
+) -> None:
+    """Resume on another layout: the fp32 masters, Adam's moments and step from ``optim_tpNN.pt`` (the
+    module's weights follow from the masters), or with --no-load-optim the weights from the model files;
+    then the LR scheduler's step and DeepSpeed's step counters from the engine state's client file (the
+    caller sets the schedule, which sets the optimizer's LR for the next step)."""
+    if cfg.no_load_optim:
+        n = load_module_state(engine, merge_tp_shards(load_model_files(reader)))
+        what = f"weights resharded ({n} tensors); --no-load-optim: the optimizer starts afresh"
+    else:
+        n, step = restore_optimizer_state(engine, load_optim_files(reader))
+        what = f"optimizer state resharded ({n} tensors; step {step})"
+    if engine.lr_scheduler is not None and "lr_scheduler" in client_state:
+        engine.lr_scheduler.load_state_dict(client_state["lr_scheduler"])  # its step count
+    engine.global_steps = client_state["global_steps"]
+    engine.global_samples = client_state.get(
+        "global_samples", engine.global_steps * engine.train_batch_size()
+    )
+    engine.skipped_steps = client_state["skipped_steps"]
+    with_scheme = saved["scheme"] != now["scheme"] or now["scheme"] != "split-rank"
+    old, new = describe_layout(saved, with_scheme), describe_layout(now, with_scheme)
+    print_rank_0(f"> resuming a {old} checkpoint on {new}: {what}")
+
+
 def load_checkpoint(
     engine: Any, cfg: TrainConfig, model_args: ModelArgs, reader: CheckpointReader
 ) -> tuple[int, int, list[dict[str, Any]]]:
     """Resume from ``reader``'s checkpoint (chosen and verified by ``select_checkpoint``): returns
     ``(iteration, consumed_samples, data_history)``. A changed ``--data-path``/``--split`` is refused
-    before anything is loaded unless ``--allow-data-change``."""
+    before anything is loaded unless ``--allow-data-change``. On another layout (TP size or cut, ZeRO
+    stage, data-parallel size) the optimizer state is resharded from ``optim_tpNN.pt``; the RNG states,
+    which belong to the old ranks, are then not restored."""
     if not has_deepspeed_state(reader):
         raise CheckpointError(
             f"{reader.dir} holds no DeepSpeed state (mp_rank_XX_model_states.pt) to resume from; pass "
             "--finetune to load only its weights"
         )
     meta, saved_tp = peek_client_state(reader)
-    if saved_tp != cfg.tensor_model_parallel_size:
-        raise CheckpointError(
-            f"{reader.dir} was saved with tensor-model-parallel size {saved_tp}, this run uses "
-            f"{cfg.tensor_model_parallel_size}; resume with --tensor-model-parallel-size {saved_tp} "
-            "(or --finetune to load only the weights into the new layout)"
-        )
-    check_compatible(meta, cfg, model_args)
+    saved, now = saved_layout(meta, saved_tp), current_layout(engine, cfg)
+    reshard = check_reshardable(reader, saved, now)
+    check_compatible(meta, cfg, model_args, reshard=reshard)
     history = resumed_data_history(meta, cfg, int(meta["iteration"]), int(meta["consumed_samples"]))
     schedule = resumed_schedule(meta, cfg, int(meta["iteration"]))
+    if reshard:
+        _resume_resharded(engine, reader, meta, cfg, saved, now)
+        engine.lr_scheduler.set_schedule(schedule)
+        return int(meta["iteration"]), int(meta["consumed_samples"]), history
     client_state = load_engine_state(engine, reader, load_optimizer_states=not cfg.no_load_optim)
     engine.lr_scheduler.set_schedule(schedule)  # after the load: the next step's lr is the schedule's
     if cfg.no_load_optim:

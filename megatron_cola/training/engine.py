@@ -1,17 +1,19 @@
-"""The model, optimizer, LR schedule and DeepSpeed engine of a run."""
+"""The model, optimizer, LR schedule and DeepSpeed engine of a run, in the order they are applied:
+``build_parallel_model`` (meta build → ``parallelize``: TP → recompute → compile → seeded weights,
+ZeRO-3 partitioning as they are drawn), then ``build_engine`` (optimizer, schedule, DeepSpeed)."""
 
 from __future__ import annotations
 
+import copy
 import os
 import sys
 from typing import Any
 
 import torch
 
-from megatron_cola.config import ModelArgs
+from megatron_cola.config import DEFAULT_TP_SCHEME, ModelArgs
 from megatron_cola.model import CoLALlama
-from megatron_cola.parallel import ParallelState
-from megatron_cola.training.ds_config import build_ds_config
+from megatron_cola.parallel import ParallelState, parallelize
 from megatron_cola.training.guards import guard_optimizer
 from megatron_cola.training.logging_utils import print_rank_0
 from megatron_cola.training.schedule import Schedule, build_scheduler
@@ -39,14 +41,19 @@ def use_deepspeed_accelerator(device: torch.device | str) -> str:
     return name
 
 
-def build_model(
+def build_parallel_model(
     seed: int,
     model_args: ModelArgs,
     parallel: ParallelState,
     device: torch.device,
     zero3_config: dict[str, Any] | None = None,
-) -> torch.nn.Module:
-    """The model on ``device``, TP-sharded when ``parallel.tp_size > 1``, initialised from ``seed``.
+    *,
+    scheme: str = DEFAULT_TP_SCHEME,
+    compile_mode: str | None = None,
+) -> CoLALlama:
+    """The run's model on ``device``: built on the meta device, ``parallelize``d (tensor parallelism
+    under ``scheme`` when ``parallel.tp_size > 1``, then recomputation, then ``torch.compile`` per block
+    when ``compile_mode`` is given), and its weights drawn from ``seed``.
 
     With ``zero3_config`` (the run's DeepSpeed config, ZeRO stage 3) the model is partitioned as it is
     built: each module's parameters are allocated, drawn from the seed (full tensors, so the model is
@@ -55,10 +62,13 @@ def build_model(
     """
     with torch.device("meta"):
         model = CoLALlama(model_args)
-    if parallel.tp_size > 1:
-        from megatron_cola.parallel import apply_tensor_parallel
-
-        apply_tensor_parallel(model, parallel)
+    parallelize(model, parallel, scheme=scheme, compile_mode=compile_mode)
+    if compile_mode is not None:
+        mode = "" if compile_mode == "default" else f", mode={compile_mode}"
+        print_rank_0(
+            f"> compiled {len(model.layers)} decoder blocks (torch.compile, "
+            f"recompute={model_args.recompute}{mode})"
+        )
     if zero3_config is None:
         model.to_empty(device=device)
         model.init_weights(seed)  # every TP layout cuts its shards from the same full weights
@@ -79,19 +89,9 @@ def build_model(
     return model
 
 
-def compile_model(cfg: TrainConfig, model: torch.nn.Module) -> torch.nn.Module:
-    """``--compile``: ``torch.compile`` each decoder block in place (after tensor parallelism, before
-    DeepSpeed wraps the model); the model unchanged otherwise."""
-    if not cfg.compile:
-        return model
-    from megatron_cola.model.compile import compile_blocks
-
-    compile_blocks(model, mode=cfg.compile_mode)
-    mode = "" if cfg.compile_mode == "default" else f", mode={cfg.compile_mode}"
-    print_rank_0(
-        f"> compiled {len(model.layers)} decoder blocks (torch.compile, recompute={cfg.recompute}{mode})"
-    )
-    return model
+def compile_mode_of(cfg: TrainConfig) -> str | None:
+    """``--compile``'s mode (``--compile-mode``), or ``None`` for an eager run."""
+    return cfg.compile_mode if cfg.compile else None
 
 
 def _full_ndim(param: torch.nn.Parameter) -> int:
@@ -138,23 +138,26 @@ def build_optimizer(cfg: TrainConfig, model: torch.nn.Module, device: torch.devi
 
 
 def build_engine(
-    cfg: TrainConfig, model: torch.nn.Module, parallel: ParallelState, device: torch.device
+    cfg: TrainConfig,
+    model: torch.nn.Module,
+    parallel: ParallelState,
+    device: torch.device,
+    ds_config: dict[str, Any],
 ) -> tuple[Any, Any]:
-    """``(engine, scheduler)``: the optimizer and schedule wrapped by ``deepspeed.initialize``. The schedule
-    drives the optimizer itself; DeepSpeed gets it through ``guard_optimizer`` (a ``GuardedOptimizer``
-    where the non-finite guard must be able to hold a step). Nothing is written: the trainer saves the
-    DeepSpeed config into ``--save`` once a resume's checks passed."""
+    """``(engine, scheduler)``: the optimizer and schedule wrapped by ``deepspeed.initialize`` with
+    ``ds_config`` (``build_ds_config``, built once by the caller), around the ``parallelize``d model.
+    The schedule drives the optimizer itself; DeepSpeed gets it through ``guard_optimizer`` (a
+    ``GuardedOptimizer`` where the non-finite guard must be able to hold a step). Nothing is written:
+    the trainer saves the DeepSpeed config into ``--save`` once a resume's checks passed."""
     import deepspeed
 
-    model = compile_model(cfg, model)
     optimizer = build_optimizer(cfg, model, device)
     scheduler = build_scheduler(optimizer, Schedule.from_values(cfg.to_dict()))
-    ds_config = build_ds_config(cfg, device.type)
     engine, _, _, _ = deepspeed.initialize(
         model=model,
         optimizer=guard_optimizer(cfg, optimizer),
         lr_scheduler=scheduler,
-        config=ds_config,
+        config=copy.deepcopy(ds_config),  # the caller's copy stays as built (it is saved with the run)
         mpu=parallel.mpu(),
     )
     return engine, scheduler

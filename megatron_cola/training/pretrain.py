@@ -21,17 +21,21 @@ from typing import Any
 import torch
 import torch.distributed as dist
 
+from megatron_cola.atomic_io import atomic_write_text
+from megatron_cola.config import ModelArgs
 from megatron_cola.data.tokenizers import AbstractTokenizer
 from megatron_cola.errors import DataError, MegatronColaError
 from megatron_cola.parallel.sizes import check_tensor_parallel_size, pad_vocab_size
 from megatron_cola.training.arguments import (
     ArgumentError,
     build_train_config,
+    given_flags,
     model_args_from,
     parse_args,
 )
 from megatron_cola.training.engine import use_deepspeed_accelerator
-from megatron_cola.training.train_config import TrainConfig
+from megatron_cola.training.recipe import recipe_defaults
+from megatron_cola.training.train_config import TrainConfig, format_flags
 from megatron_cola.training.trainer import Trainer
 
 
@@ -134,17 +138,100 @@ def _load_tokenizer(cfg: TrainConfig) -> AbstractTokenizer:
         ) from e
 
 
+# ---------------------------------------------------------------------------------------------- start-up
+#: Where launchers put the global rank before the process group exists (torchrun/deepspeed, Open MPI,
+#: MPICH/Intel MPI, SLURM srun).
+RANK_VARIABLES = ("RANK", "OMPI_COMM_WORLD_RANK", "PMI_RANK", "SLURM_PROCID")
+#: Likewise the number of processes on this node.
+LOCAL_SIZE_VARIABLES = (
+    "LOCAL_WORLD_SIZE",
+    "OMPI_COMM_WORLD_LOCAL_SIZE",
+    "MPI_LOCALNRANKS",
+    "SLURM_NTASKS_PER_NODE",
+)
+
+
+def _first_int(names: tuple[str, ...], default: int) -> int:
+    for name in names:
+        value = os.environ.get(name, "").strip()
+        if value.isdigit():
+            return int(value)
+    return default
+
+
+def format_arguments(cfg: TrainConfig, argv: list[str]) -> str:
+    """Megatron's start-up block: every resolved value, then where they came from."""
+    lines = ["------------------------ arguments ------------------------"]
+    for name, value in sorted(cfg.to_dict().items()):
+        if name == "user_ds_config":
+            continue
+        lines.append(f"  {name} {'.' * (48 - len(name))} {value}")
+    lines.append("-------------------- end of arguments ---------------------")
+    given = given_flags(argv)
+    recipe = given.pop("config", None)
+    given.pop("local_rank", None)
+    if recipe is None:
+        lines.append(f"> from the flags (defaults for the rest): {format_flags(given) or 'none given'}")
+        return "\n".join(lines)
+    defaults = recipe_defaults(recipe)
+    changed, added = [], []
+    for dest, value in given.items():
+        word = format_flags({dest: value})
+        if dest not in defaults:
+            added.append(word)
+        elif defaults[dest] != value:
+            changed.append(f"{word} (recipe: {format_flags({dest: defaults[dest]}).split(' ', 1)[-1]})")
+    lines.append(
+        f"> from the recipe {recipe}; flags change: {', '.join(changed) or 'nothing'}; "
+        f"flags add: {', '.join(added) or 'nothing'}"
+    )
+    return "\n".join(lines)
+
+
+def machine_warnings(cfg: TrainConfig, model_args: ModelArgs, device: torch.device) -> list[str]:
+    """On CPU: whether the weights, gradients and optimizer states alone outgrow this machine's RAM."""
+    if device.type != "cpu":
+        return []
+    params = model_args.num_params()
+    dp = cfg.data_parallel_size
+    # bf16 weights + fp32 gradients (6 B) or fp32 weights + gradients (8 B); fp32 master weights and
+    # Adam's two moments (12 B, 8 B without bf16), divided over data-parallel ranks by ZeRO.
+    fixed, sharded = (6, 12) if cfg.bf16 else (8, 8)
+    per_process = params * (fixed + sharded / (dp if cfg.zero_stage >= 1 else 1))
+    processes = _first_int(LOCAL_SIZE_VARIABLES, cfg.world_size)
+    need = per_process * processes
+    try:
+        ram = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+    except (ValueError, OSError):
+        return []
+    if need <= ram:
+        return []
+    return [
+        f"> warning: {cfg.model_size} ({params / 1e6:.0f}M params) on CPU needs at least "
+        f"{need / 2**30:.1f} GiB for weights, gradients and optimizer states over {processes} "
+        f"process(es) on this machine, which has {ram / 2**30:.1f} GiB of RAM: use GPUs, fewer "
+        "processes, a smaller size, or the debug recipe (examples/pretrain_cola_debug.sh)"
+    ]
+
+
 def pretrain(argv: list[str] | None = None) -> dict[str, Any]:
     """Run one pre-training job. Returns ``{"train": [(iteration, loss)], "valid": [...], "test": ...}``."""
+    argv = sys.argv[1:] if argv is None else list(argv)
     cfg = build_train_config(parse_args(argv))
+    rank0 = _first_int(RANK_VARIABLES, 0) == 0
+    if rank0:
+        print(format_arguments(cfg, argv), flush=True)
     tokenizer = _load_tokenizer(cfg)
     tp = cfg.tensor_model_parallel_size
     model_args = model_args_from(
         cfg, pad_vocab_size(tokenizer.vocab_size, cfg.make_vocab_size_divisible_by, tp)
     )
-    check_tensor_parallel_size(tp, model_args=model_args)
+    check_tensor_parallel_size(tp, model_args=model_args, scheme=cfg.cola_tp_scheme)
     _prepare_launch_env()  # LOCAL_RANK etc. for srun / single process, before picking the GPU
     device = _resolve_device(cfg.device)
+    if rank0:
+        for line in machine_warnings(cfg, model_args, device):
+            print(line, flush=True)
 
     created_pg = init_distributed(device, cfg.distributed_timeout_minutes)
     try:
@@ -153,6 +240,19 @@ def pretrain(argv: list[str] | None = None) -> dict[str, Any]:
         if created_pg and dist.is_initialized():
             dist.barrier()
             dist.destroy_process_group()
+
+
+def _report_error(message: str) -> None:
+    """Print a user's error plainly; under our launchers also leave it for them to print last
+    (``MEGATRON_COLA_ERROR_DIR``, below a launcher's own traceback)."""
+    print(f"pretrain_cola.py: error: {message}", file=sys.stderr, flush=True)
+    directory = os.environ.get("MEGATRON_COLA_ERROR_DIR")
+    if directory and os.path.isdir(directory):
+        rank = _first_int(RANK_VARIABLES, 0)
+        try:
+            atomic_write_text(os.path.join(directory, f"rank{rank}.txt"), message + "\n")
+        except OSError:
+            pass  # the message is on stderr already
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -169,6 +269,6 @@ def main(argv: list[str] | None = None) -> int:
         # it (set MEGATRON_COLA_TRACEBACK=1 to see it anyway).
         if os.environ.get("MEGATRON_COLA_TRACEBACK"):
             raise
-        print(f"pretrain_cola.py: error: {e}", file=sys.stderr, flush=True)
+        _report_error(str(e))
         return 2
     return 0

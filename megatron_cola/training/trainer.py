@@ -11,6 +11,7 @@ checkpoint is written.
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import os
 import random
 import time
@@ -27,6 +28,7 @@ from megatron_cola.config import ModelArgs
 from megatron_cola.data import check_dataset_files
 from megatron_cola.data.tokenizers import AbstractTokenizer
 from megatron_cola.errors import ConfigError
+from megatron_cola.model.sharding import sharding_plan
 from megatron_cola.parallel import ParallelState
 from megatron_cola.training import checkpointing
 from megatron_cola.training.data_setup import (
@@ -36,11 +38,11 @@ from megatron_cola.training.data_setup import (
     tokens_and_labels,
 )
 from megatron_cola.training.ds_config import build_ds_config, save_ds_config
-from megatron_cola.training.engine import build_engine, build_model, optimizer_name
+from megatron_cola.training.engine import build_engine, build_parallel_model, compile_mode_of, optimizer_name
 from megatron_cola.training.guards import ExitSignalHandler, RunGuard, Verdict
 from megatron_cola.training.logging_utils import print_rank_0
 from megatron_cola.training.metrics import TrainingMetrics
-from megatron_cola.training.train_config import TrainConfig
+from megatron_cola.training.train_config import SHAPE_OVERRIDES, TrainConfig, format_flags
 from megatron_cola.training.watchdog import Watchdog, gather_peers
 
 
@@ -123,9 +125,14 @@ class Trainer:
 
     def _banner(self) -> str:
         cfg, p = self.cfg, self.parallel
+        # Name what runs: the size, and the flags that change its shapes (the count is the real one).
+        shape = {
+            k: v for k, v in dataclasses.asdict(cfg.model).items() if k in SHAPE_OVERRIDES and v is not None
+        }
+        overrides = f"overrides: {format_flags(shape)}; " if shape else ""
         return (
             f"> Megatron-CoLA: {cfg.model_size} {'full rank' if self.model_args.full_rank else 'CoLA'} "
-            f"({self.model_args.num_params() / 1e6:.1f}M params), world {cfg.world_size} = "
+            f"({overrides}{self.model_args.num_params() / 1e6:.1f}M params), world {cfg.world_size} = "
             f"TP {p.tp_size} x DP {p.dp_size}, ZeRO-{cfg.zero_stage}, "
             f"{'bf16' if cfg.bf16 else 'fp32'}, recompute={cfg.recompute}, device={self.device.type}, "
             f"global batch {cfg.global_batch_size} = {cfg.micro_batch_size} x {p.dp_size} x "
@@ -145,15 +152,27 @@ class Trainer:
             self.model_args, adopted = adopt_architecture(self.model_args, cfg.load, reader.iteration)
             if adopted:
                 print_rank_0(f"> from the checkpoint: {adopted}")
+        ds_config = build_ds_config(cfg, self.device.type)  # the one DeepSpeed config of the run
         # ZeRO-3 partitions the model as it is built (a weights-only load needs it whole first).
-        zero3 = build_ds_config(cfg) if cfg.zero_stage == 3 and not weights_only else None
-        model = build_model(cfg.seed, self.model_args, self.parallel, self.device, zero3_config=zero3)
+        zero3 = ds_config if cfg.zero_stage == 3 and not weights_only else None
+        model = build_parallel_model(
+            cfg.seed,
+            self.model_args,
+            self.parallel,
+            self.device,
+            zero3_config=zero3,
+            scheme=cfg.cola_tp_scheme,
+            compile_mode=compile_mode_of(cfg),
+        )
+        if self.parallel.tp_size > 1:
+            scheme = sharding_plan(model).scheme
+            print_rank_0(f"> tensor parallelism: {scheme} scheme, TP={self.parallel.tp_size}")
         if weights_only:
             load_weights_only(
                 model, cfg.load, reader.iteration, seed=cfg.seed, init_std=self.model_args.init_std
             )
             print_rank_0(f"> loaded weights only from {reader.dir}; starting at iteration 0")
-        self.engine, self.scheduler = build_engine(cfg, model, self.parallel, self.device)
+        self.engine, self.scheduler = build_engine(cfg, model, self.parallel, self.device, ds_config)
         self.optimizer_name = optimizer_name(self.scheduler.optimizer)  # the one that runs (not DS's wrapper)
         self.history["optimizer"] = self.optimizer_name
         if reader is not None and not weights_only:
@@ -164,7 +183,7 @@ class Trainer:
         # Only now, with every check passed, is anything written into --save.
         checkpointing.move_skipped_aside(cfg, sel)
         if cfg.save and dist.get_rank() == 0:
-            save_ds_config(build_ds_config(cfg, self.device.type), cfg.save)
+            save_ds_config(ds_config, cfg.save)
 
     def _split_dims(self) -> dict[str, int]:
         if self.parallel.tp_size == 1:
@@ -260,6 +279,7 @@ class Trainer:
             split_dims=self.split_dims,
             data_history=self.data_history,
             saves=self.saves,
+            tp_scheme=sharding_plan(self.engine.module).scheme,
         )
         if self.watchdog is not None:
             self.watchdog.leave_phase()
