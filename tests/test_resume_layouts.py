@@ -75,6 +75,11 @@ CASES = [
         layout(2, "--zero-stage", "1", "--tensor-model-parallel-size", "2"),
         True,
     ),
+    Case(
+        "split-rank TP2 -> bottleneck TP2",
+        layout(2, "--zero-stage", "1", "--tensor-model-parallel-size", "2"),
+        layout(2, "--zero-stage", "1", "--tensor-model-parallel-size", "2", "--cola-tp-scheme", "bottleneck"),
+    ),
     # bf16 at ZeRO-3 computes differently (2.7e-4 off ZeRO-1/2 after 8 steps): ZeRO-2 -> ZeRO-1.
     Case("bf16 DP2 ZeRO-2 -> DP2 ZeRO-1", BF16_DP2_Z2, layout(2, "--zero-stage", "1", "--bf16")),
 ]

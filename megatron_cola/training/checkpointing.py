@@ -312,7 +312,7 @@ def save_checkpoint(
         "zero_stage": cfg.zero_stage,
         # The TP cut of every split parameter and the scheme that made it (a layout change on resume).
         "split_dims": dict(split_dims),
-        "cola_tp_scheme": tp_scheme(cfg),
+        "cola_tp_scheme": layout_scheme(cfg),
         # --data-path/--split of every stretch of the run (resumes with --allow-data-change add one).
         "data_history": data_history if data_history is not None else initial_data_history(cfg),
     }
@@ -377,9 +377,14 @@ def save_checkpoint(
     return writer.dir
 
 
-def tp_scheme(cfg: TrainConfig) -> str:
-    """The run's ``--cola-tp-scheme`` (``split-rank`` where the flag does not exist)."""
-    return str(getattr(cfg, "cola_tp_scheme", "split-rank"))
+def layout_scheme(cfg: TrainConfig) -> str:
+    """The TP scheme the run's parameters are cut by, as recorded in a checkpoint: ``--cola-tp-scheme``
+    for a CoLA model under TP, ``dense`` for a full-rank one under TP, and ``split-rank`` at TP=1 (what
+    every checkpoint recorded before the flag existed), so that changing the flag where it changes no cut
+    is not a layout change."""
+    if cfg.tensor_model_parallel_size == 1:
+        return "split-rank"
+    return "dense" if cfg.full_rank else str(cfg.cola_tp_scheme)
 
 
 def saved_layout(client_state: dict[str, Any], saved_tp: int) -> dict[str, Any]:
@@ -403,7 +408,7 @@ def current_layout(engine: Any, cfg: TrainConfig) -> dict[str, Any]:
         "tp": tp,
         "dp": cfg.world_size // tp,
         "zero": cfg.zero_stage,
-        "scheme": tp_scheme(cfg),
+        "scheme": layout_scheme(cfg),
         "split_dims": sharding_plan(engine.module).split_dims(),
     }
 
