@@ -23,6 +23,10 @@ def test_resumable_layouts_rule() -> None:
     zero0 = resumable_layouts(_meta(1, 0, 4, "mp_rank_00_model_states.pt"))
     assert (zero0["tp_size"], zero0["zero_stage"], zero0["dp_size"]) == (1, 0, "any")
     assert zero0["summary"].startswith("TP 1, ZeRO-0, any DP size")
+    bottleneck = resumable_layouts(
+        {**_meta(2, 1, 4, "mp_rank_00_model_states.pt"), "tp_scheme": "bottleneck"}
+    )
+    assert bottleneck["summary"].startswith("TP 2 (--cola-tp-scheme bottleneck), ZeRO-1, DP 4")
     free = resumable_layouts(_meta(2, 3, 2, "optim_tp00.pt", "optim_tp01.pt"))
     assert free["resume"] and {free[k] for k in ("tp_size", "zero_stage", "dp_size")} == {"any"}
     weights = resumable_layouts({"kind": "weights", "files": ["model_tp00.pt"]})

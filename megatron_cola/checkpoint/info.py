@@ -111,12 +111,13 @@ def _layout_from_files(files: list[str]) -> dict[str, Any]:
 def resumable_layouts(meta: dict[str, Any]) -> dict[str, Any]:
     """The layouts a run may resume this checkpoint on; the one place of that rule for this tool.
 
-    ``meta`` holds ``kind``, ``tp_size``, ``zero_stage``, ``dp_size`` and ``files``. Each of ``tp_size``,
-    ``zero_stage``, ``dp_size`` in the result is ``"any"`` or the one value required; ``summary`` says it
-    in words. Per-parameter optimizer files (``optim_tpNN.pt``) hold the optimizer state in a layout-free
-    form: any layout. Otherwise (DeepSpeed's shards) the TP size and ZeRO stage must match, and the
-    data-parallel size too when the optimizer state is sharded (ZeRO > 0); ``--no-load-optim`` lifts the
-    ZeRO and DP conditions, ``--finetune`` (weights only) all of them.
+    ``meta`` holds ``kind``, ``tp_size``, ``zero_stage``, ``dp_size``, ``files`` and maybe
+    ``tp_scheme``. Each of ``tp_size``, ``zero_stage``, ``dp_size`` in the result is ``"any"`` or the
+    one value required; ``summary`` says it in words. Per-parameter optimizer files (``optim_tpNN.pt``)
+    hold the optimizer state in a layout-free form: any layout. Otherwise (DeepSpeed's shards) the TP
+    size, TP scheme and ZeRO stage must match, and the data-parallel size too when the optimizer state is
+    sharded (ZeRO > 0); ``--no-load-optim`` lifts the ZeRO and DP conditions, ``--finetune`` (weights
+    only) all of them.
     """
     if meta.get("kind") == "weights":
         return {
@@ -134,6 +135,8 @@ def resumable_layouts(meta: dict[str, Any]) -> dict[str, Any]:
     tp, zero, dp = meta.get("tp_size"), meta.get("zero_stage"), meta.get("dp_size")
     dp_needed = dp if isinstance(zero, int) and zero > 0 else "any"
     parts = [f"TP {tp}", f"ZeRO-{zero}", "any DP size" if dp_needed == "any" else f"DP {dp}"]
+    if isinstance(tp, int) and tp > 1 and meta.get("tp_scheme") not in (None, "dense"):
+        parts[0] += f" (--cola-tp-scheme {meta['tp_scheme']})"  # another cut needs optim_tpNN.pt too
     return {
         "resume": True,
         "tp_size": tp,
@@ -185,7 +188,8 @@ def checkpoint_info(path: str, verify: bool = True) -> dict[str, Any]:
         if consumed is None or "seq_length" not in args
         else consumed * args["seq_length"],
         "tp_size": tp_size,
-        "tp_scheme": args.get("cola_tp_scheme"),
+        # The cut the parameters were saved in (training/checkpointing.layout_scheme), else the flag.
+        "tp_scheme": state.get("cola_tp_scheme", args.get("cola_tp_scheme")),
         "dp_size": dp_size,
         "world_size": world,
         "zero_stage": zero_stage,
