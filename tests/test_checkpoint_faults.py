@@ -538,17 +538,16 @@ def test_checkpoint_info_on_a_real_checkpoint(base_run: Path, tmp_path: Path, ca
     assert layout == {"tp_size": 1, "dp_size": 2, "world_size": 2, "zero_stage": 1, "dtype": "fp32"}
     assert info["bytes"] == sum(p.stat().st_size for p in (ckpt / "iter_0000004").iterdir())
     assert info["manifest"]["status"] == "verified" and info["manifest"]["problems"] == []
-    assert (info["resumable"]["tp_size"], info["resumable"]["zero_stage"], info["resumable"]["dp_size"]) == (
-        1,
-        1,
-        2,
-    )
+    # The run wrote the layout-free optimizer state (optim_tpNN.pt): it resumes on any layout.
+    assert any(f.startswith("optim_tp") for f in info["files"])
+    resumable = info["resumable"]
+    assert (resumable["tp_size"], resumable["zero_stage"], resumable["dp_size"]) == ("any", "any", "any")
 
     assert main([str(ckpt / "iter_0000002")]) == 0  # one checkpoint directory, human-readable
     out = capsys.readouterr().out
     assert "iteration:    2, consumed samples 32 (2048 tokens)" in out
     assert "layout:       TP 1, DP 2, world 2, ZeRO-1, fp32" in out and "manifest:     verified" in out
-    assert "resumable on: TP 1, ZeRO-1, DP 2 (--no-load-optim: any ZeRO stage and DP size" in out
+    assert "resumable on: any layout (per-parameter optimizer state)" in out
 
     bad = ckpt / "iter_0000004" / "zero_pp_rank_1_mp_rank_00_optim_states.pt"
     _flip_byte(bad, 4000)

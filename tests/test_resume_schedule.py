@@ -132,7 +132,8 @@ from megatron_cola.checkpoint.deepspeed_state import peek_client_state
 from megatron_cola.parallel import ParallelState
 from megatron_cola.training.arguments import build_train_config, model_args_from, parse_args
 from megatron_cola.training.checkpointing import load_checkpoint, save_checkpoint
-from megatron_cola.training.engine import build_engine, build_model
+from megatron_cola.training.ds_config import build_ds_config
+from megatron_cola.training.engine import build_engine, build_parallel_model
 from megatron_cola.training.pretrain import init_distributed
 
 save_dir, flags = sys.argv[1], sys.argv[2:]
@@ -143,7 +144,8 @@ parallel = ParallelState.from_torch_distributed(1)
 def engine_for(*extra):
     cfg = build_train_config(parse_args([*flags, *extra]), world_size=1)
     model_args = model_args_from(cfg, 256)
-    engine, scheduler = build_engine(cfg, build_model(1, model_args, parallel, cpu), parallel, cpu)
+    model = build_parallel_model(1, model_args, parallel, cpu)
+    engine, scheduler = build_engine(cfg, model, parallel, cpu, build_ds_config(cfg, "cpu"))
     return cfg, model_args, engine, scheduler
 
 cfg, model_args, engine, scheduler = engine_for("--train-iters", "6", "--save", save_dir)
