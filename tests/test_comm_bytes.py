@@ -25,7 +25,7 @@ from megatron_cola.parallel.comm import (
     canonical_scheme,
     outside_blocks_volume,
 )
-from megatron_cola.parallel.measure import Case, implemented_schemes, measure_tp
+from megatron_cola.parallel.measure import Case, measure_tp
 
 TP = 2
 BASE = ModelArgs.from_size("debug", vocab_size=256)
@@ -94,8 +94,7 @@ CASES = [
 
 @pytest.fixture(scope="module")
 def measured() -> dict[Case, dict[str, Any]]:
-    cases = [c for c in CASES if c.scheme == "dense" or c.scheme in implemented_schemes()]
-    return dict(zip(cases, measure_tp(BASE, TP, cases), strict=True))
+    return dict(zip(CASES, measure_tp(BASE, TP, CASES), strict=True))
 
 
 @pytest.mark.slow
@@ -103,10 +102,6 @@ def measured() -> dict[Case, dict[str, Any]]:
 def test_measured_equals_analytic(scheme: str, measured: dict[Case, dict[str, Any]]) -> None:
     """CommCounter on a TP=2 gloo run: bytes and collectives per block, the rest of the model, and what
     CoLA-M keeps per rank, all as the analytic model says."""
-    if scheme != "dense" and scheme not in implemented_schemes():
-        pytest.skip(
-            f"TP scheme {scheme!r} is not implemented in this build (apply_tensor_parallel has no scheme=)"
-        )
     cases = [c for c in measured if c.scheme == scheme]
     assert cases
     for case in cases:
@@ -127,10 +122,10 @@ def test_bench_tp_times_every_implemented_scheme(tmp_path: Path) -> None:
     argv = ["--model-size", "debug", "--nproc", "2", "--recompute", "cola-m", "--rounds", "1"]
     assert bench_tp_main([*argv, "--seq-length", "8", "--json", str(out)]) == 0
     result = json.loads(out.read_text())
-    assert [tuple(v) for v in result["variants"]] == [(2, s, "cola-m") for s in implemented_schemes()]
+    assert [tuple(v) for v in result["variants"]] == [(2, s, "cola-m") for s in COLA_TP_SCHEMES]
     assert len(result["seconds_per_step"]) == 1 and all(
         t > 0 for row in result["seconds_per_step"] for t in row
     )
     (row,) = result["rows"]
     assert (row["nproc"], row["recompute"]) == (2, "cola-m") and row["split-rank_s_per_step"] > 0
-    assert ("bottleneck_over_split_rank" in row) == ("bottleneck" in implemented_schemes())
+    assert row["bottleneck_s_per_step"] > 0 and row["bottleneck_over_split_rank"] > 0

@@ -35,7 +35,7 @@ from megatron_cola.parallel.comm import (
     format_comm_table,
     outside_blocks_volume,
 )
-from megatron_cola.parallel.measure import Case, implemented_schemes, measure_tp
+from megatron_cola.parallel.measure import Case, measure_tp
 from megatron_cola.parallel.sizes import check_tensor_parallel_size
 
 DTYPE_BYTES = {"bf16": 2, "fp16": 2, "fp32": 4}
@@ -118,14 +118,9 @@ def measured_rows(
     recompute: tuple[str, ...] = ("none", "cola-m"),
 ) -> tuple[list[dict[str, Any]], list[str]]:
     """Measured rows (one per TP × scheme × ``recompute``; dense measures ``full`` for ``cola-m``) and
-    notes on the TP sizes or schemes that could not be measured."""
+    notes on the TP sizes that could not be measured."""
     grouped = base.grouped_projections
-    notes = [
-        f"scheme {s} is not implemented in this build: not measured"
-        for s in schemes
-        if s not in implemented_schemes()
-    ]
-    schemes = tuple(s for s in schemes if s in implemented_schemes())
+    notes: list[str] = []
     cases = [Case(s, r, grouped) for s in schemes for r in recompute]
     dense_modes = dict.fromkeys("full" if r == "cola-m" else r for r in recompute)
     cases += [Case("dense", r, grouped) for r in dense_modes]

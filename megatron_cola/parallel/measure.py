@@ -1,8 +1,7 @@
 """Tensor parallelism measured on real process groups: bytes and collectives per block, and what each
 rank keeps for backward, for every scheme this build implements.
 
-- ``implemented_schemes()``: the CoLA schemes (``COLA_TP_SCHEMES``) that ``apply_tensor_parallel``
-  implements here; ``bottleneck`` once it takes a ``scheme=`` argument. ``apply_scheme`` applies one.
+- ``apply_scheme(model, state, scheme)``: tensor parallelism under one scheme, as a training run applies it.
 - ``measure_case(state, args, scheme)``: one forward + backward of a 1-layer and of a 2-layer model
   under ``CommCounter``. Their difference is one block, whatever the embedding, head and loss do; the
   1-layer run less that block is the rest. Then ``saved_activations_of`` on the 2-layer model.
@@ -15,8 +14,6 @@ Used by ``tools/comm_bytes.py --measure``, ``tools/bench_tp.py`` and tests/test_
 
 from __future__ import annotations
 
-import importlib
-import inspect
 import json
 import os
 import socket
@@ -31,50 +28,23 @@ import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
 
-from megatron_cola.config import ModelArgs
+from megatron_cola.config import DEFAULT_TP_SCHEME, ModelArgs
 from megatron_cola.model import CoLALlama
 from megatron_cola.model.activation_memory import saved_activations_of
-from megatron_cola.parallel.comm import COLA_TP_SCHEMES, canonical_scheme
+from megatron_cola.parallel.comm import canonical_scheme
 from megatron_cola.parallel.counter import CommCounter
+from megatron_cola.parallel.parallelize import parallelize
 from megatron_cola.parallel.state import ParallelState
-from megatron_cola.parallel.transform import apply_tensor_parallel
-
-
-def _takes_scheme() -> bool:
-    return "scheme" in inspect.signature(apply_tensor_parallel).parameters
-
-
-def _parallelize() -> Callable[..., CoLALlama] | None:
-    """``parallel.parallelize.parallelize`` (TP, then recompute, then compile) where this build has it."""
-    try:
-        module = importlib.import_module("megatron_cola.parallel.parallelize")
-    except ImportError:
-        return None
-    return getattr(module, "parallelize", None)
-
-
-def implemented_schemes() -> tuple[str, ...]:
-    """The CoLA tensor-parallel schemes ``apply_tensor_parallel`` implements in this build."""
-    return COLA_TP_SCHEMES if _takes_scheme() else ("split-rank",)
 
 
 def apply_scheme(model: CoLALlama, state: ParallelState, scheme: str) -> CoLALlama:
     """Tensor parallelism under ``scheme`` as a training run applies it (``parallelize``: TP, then the
-    model's recompute mode, where this build has it; else ``apply_tensor_parallel``). ``dense`` needs a
-    full-rank model (which every scheme splits the dense way)."""
+    model's recompute mode). ``dense`` needs a full-rank model (which every scheme splits the dense way)."""
     scheme = canonical_scheme(scheme)
     kind = "full-rank" if model.args.full_rank else "CoLA"
     if (scheme == "dense") != model.args.full_rank:
         raise ValueError(f"TP scheme {scheme!r} does not apply to a {kind} model")
-    if scheme != "dense" and scheme not in implemented_schemes():
-        raise ValueError(
-            f"TP scheme {scheme!r} is not implemented in this build; have {list(implemented_schemes())}"
-        )
-    kwargs = {"scheme": scheme} if scheme != "dense" and _takes_scheme() else {}
-    parallelize = _parallelize()
-    if parallelize is not None:
-        return parallelize(model, state, **kwargs)
-    return apply_tensor_parallel(model, state, **kwargs)
+    return parallelize(model, state, scheme=DEFAULT_TP_SCHEME if scheme == "dense" else scheme)
 
 
 @dataclass(frozen=True)
@@ -183,7 +153,6 @@ __all__ = [
     "Case",
     "apply_scheme",
     "batch",
-    "implemented_schemes",
     "measure_case",
     "measure_tp",
     "spawn_gloo",
